@@ -1,0 +1,5 @@
+"""Optimizers of hf_rootfree: one module per algorithm family."""
+
+from .elementwise import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+
+__all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]

@@ -1,0 +1,103 @@
+"""Build and load the fused CPU kernel of the element-wise family.
+
+The kernel (``csrc/elementwise.cpp``) is compiled on first use with
+:func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``) and cached by torch
+under ``$TORCH_EXTENSIONS_DIR``. The cache name carries a hash of the source, the torch version and
+the CPU's instruction-set flags, because the kernel is built with ``-march=native``: a cache shared
+between machines with different CPUs (an NFS home directory on a cluster) never hands one machine
+a binary built for another.
+
+If the build fails, or ``HF_ROOTFREE_FUSED=0`` is set, :func:`fused_kernel_available` returns
+``False`` after one warning and the optimizers use their pure-PyTorch paths instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "elementwise.cpp"
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _cpu_fingerprint() -> str:
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return flags
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256()
+    digest.update(_SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(_cpu_fingerprint().encode())
+    return f"hf_rootfree_elementwise_{digest.hexdigest()[:12]}"
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    common = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
+    attempts = [common + ["-march=native", "-fopenmp"], common + ["-fopenmp"], common]
+    last_error: Exception | None = None
+    for cflags in attempts:
+        try:
+            load(
+                name=_extension_name(),
+                sources=[str(_SOURCE)],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in cflags else [],
+                is_python_module=False,
+                verbose=False,
+            )
+            return
+        except Exception as error:  # a missing compiler, flag or ninja: try the next flags
+            last_error = error
+    assert last_error is not None
+    raise last_error
+
+
+def fused_kernel_available() -> bool:
+    """Return whether the fused CPU kernel is loaded, building it on the first call."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        if os.environ.get("HF_ROOTFREE_FUSED", "1").lower() in ("0", "false", "no", "off"):
+            _state["ok"] = False
+            return False
+        if hasattr(torch.ops.hf_rootfree, "fused_elementwise_step_"):
+            _state["ok"] = True
+            return True
+        logger.info("hf_rootfree: building the fused CPU kernel (once per machine, ~15 s)")
+        try:
+            _build()
+            _state["ok"] = True
+        except Exception as error:
+            warnings.warn(
+                "hf_rootfree: could not build the fused CPU kernel, so the element-wise optimizers "
+                f"fall back to their PyTorch paths (slower on CPU). Cause: {error!r}. A C++ compiler "
+                "and `pip install ninja` enable it; HF_ROOTFREE_FUSED=0 silences this warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _state["ok"] = False
+    return _state["ok"]

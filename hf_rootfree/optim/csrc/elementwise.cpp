@@ -1,0 +1,174 @@
+// Fused CPU kernel for the element-wise family (RootFreeAdamW, RootFreeRMSprop, AdaX,
+// RootFreeAdaX).  One pass over memory per tensor; the math is exactly that of
+// `hf_rootfree.optim.elementwise._single_tensor_step` (the reference path) -- keep them in sync:
+//
+//   s <- a*s + c*g^2
+//   d <- (root ? sqrt(s) : s) * k + e
+//   adam-style (precondition_first = false):
+//       m <- m_decay*m + m_gain*g
+//       p <- p*p_mul - lr * m / d
+//   heavy-ball (precondition_first = true):
+//       u <- g / d + wd_add * p
+//       b <- m_decay*b + u          (only if a buffer is given; otherwise b = u)
+//       p <- p - lr * b
+//
+// coeffs is a float64 CPU tensor of shape [n or 1, 9] with columns
+//   a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+constexpr int64_t kNumCoeffs = 9;
+
+template <typename C>
+struct Coeffs {
+  C a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add;
+};
+
+template <typename P, typename S, typename C, bool kRoot, bool kHeavyBall, bool kHasBuf>
+void step_contiguous(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
+                     S* __restrict__ s, int64_t n, Coeffs<C> k) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      const C gi = static_cast<C>(g[i]);
+      const C si = k.a * static_cast<C>(s[i]) + k.c * gi * gi;
+      s[i] = static_cast<S>(si);
+      C d;
+      if constexpr (kRoot) {
+        d = std::sqrt(si) * k.k + k.e;
+      } else {
+        d = si * k.k + k.e;
+      }
+      const C pi = static_cast<C>(p[i]);
+      if constexpr (kHeavyBall) {
+        C u = gi / d + k.wd_add * pi;
+        if constexpr (kHasBuf) {
+          u = k.m_decay * static_cast<C>(m[i]) + u;
+          m[i] = static_cast<S>(u);
+        }
+        p[i] = static_cast<P>(pi - k.lr * u);
+      } else {
+        const C mi = k.m_decay * static_cast<C>(m[i]) + k.m_gain * gi;
+        m[i] = static_cast<S>(mi);
+        p[i] = static_cast<P>(pi * k.p_mul - k.lr * mi / d);
+      }
+    }
+  });
+}
+
+template <typename P, typename S, typename C>
+void step_one(const at::Tensor& p, const at::Tensor& g, const at::Tensor* m, const at::Tensor& s,
+              const Coeffs<C>& k, bool root, bool heavy_ball) {
+  P* pp = p.data_ptr<P>();
+  const P* gp = g.data_ptr<P>();
+  S* sp = s.data_ptr<S>();
+  S* mp = m ? m->data_ptr<S>() : nullptr;
+  const int64_t n = p.numel();
+#define HF_RF_CALL(R, H, B) step_contiguous<P, S, C, R, H, B>(pp, gp, mp, sp, n, k)
+  if (root) {
+    if (heavy_ball) {
+      if (mp) HF_RF_CALL(true, true, true); else HF_RF_CALL(true, true, false);
+    } else {
+      HF_RF_CALL(true, false, true);
+    }
+  } else {
+    if (heavy_ball) {
+      if (mp) HF_RF_CALL(false, true, true); else HF_RF_CALL(false, true, false);
+    } else {
+      HF_RF_CALL(false, false, true);
+    }
+  }
+#undef HF_RF_CALL
+}
+
+template <typename P, typename S>
+void dispatch_compute(const at::Tensor& p, const at::Tensor& g, const at::Tensor* m,
+                      const at::Tensor& s, const double* row, bool root, bool heavy_ball) {
+  // The update is computed in float64 when the parameter or the state is float64, else float32.
+  if constexpr (std::is_same_v<P, double> || std::is_same_v<S, double>) {
+    Coeffs<double> k{row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8]};
+    step_one<P, S, double>(p, g, m, s, k, root, heavy_ball);
+  } else {
+    Coeffs<float> k{static_cast<float>(row[0]), static_cast<float>(row[1]),
+                    static_cast<float>(row[2]), static_cast<float>(row[3]),
+                    static_cast<float>(row[4]), static_cast<float>(row[5]),
+                    static_cast<float>(row[6]), static_cast<float>(row[7]),
+                    static_cast<float>(row[8])};
+    step_one<P, S, float>(p, g, m, s, k, root, heavy_ball);
+  }
+}
+
+template <typename P>
+void dispatch_state(const at::Tensor& p, const at::Tensor& g, const at::Tensor* m,
+                    const at::Tensor& s, const double* row, bool root, bool heavy_ball) {
+  switch (s.scalar_type()) {
+    case at::kFloat: dispatch_compute<P, float>(p, g, m, s, row, root, heavy_ball); break;
+    case at::kDouble: dispatch_compute<P, double>(p, g, m, s, row, root, heavy_ball); break;
+    case at::kBFloat16: dispatch_compute<P, c10::BFloat16>(p, g, m, s, row, root, heavy_ball); break;
+    case at::kHalf: dispatch_compute<P, c10::Half>(p, g, m, s, row, root, heavy_ball); break;
+    default: TORCH_CHECK(false, "hf_rootfree fused step: unsupported state dtype ", s.scalar_type());
+  }
+}
+
+void fused_elementwise_step_(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                             at::TensorList second, const at::Tensor& coeffs, bool root,
+                             bool heavy_ball) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(second.size()) == n,
+              "hf_rootfree fused step: params, grads and state lists differ in length");
+  TORCH_CHECK(bufs.empty() || static_cast<int64_t>(bufs.size()) == n,
+              "hf_rootfree fused step: buffer list must be empty or match params");
+  TORCH_CHECK(!bufs.empty() || heavy_ball, "hf_rootfree fused step: adam-style update needs exp_avg");
+  TORCH_CHECK(coeffs.scalar_type() == at::kDouble && coeffs.dim() == 2 &&
+                  coeffs.size(1) == kNumCoeffs && (coeffs.size(0) == 1 || coeffs.size(0) == n) &&
+                  coeffs.is_contiguous() && coeffs.device().is_cpu(),
+              "hf_rootfree fused step: coeffs must be a contiguous float64 CPU tensor [n or 1, 9]");
+  const double* rows = coeffs.data_ptr<double>();
+  const bool per_tensor = coeffs.size(0) > 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    TORCH_CHECK(p.device().is_cpu(), "hf_rootfree fused step: CPU tensors only");
+    TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(),
+                "hf_rootfree fused step: grad dtype differs from param dtype");
+    TORCH_CHECK(second[i].is_contiguous() && (bufs.empty() || bufs[i].is_contiguous()),
+                "hf_rootfree fused step: state must be contiguous");
+    // Parameters and gradients may be non-contiguous: work on contiguous copies, write back.
+    at::Tensor pc = p.contiguous();
+    at::Tensor gc = grads[i].contiguous();
+    const at::Tensor* m = bufs.empty() ? nullptr : &bufs[i];
+    const double* row = rows + (per_tensor ? i * kNumCoeffs : 0);
+    switch (p.scalar_type()) {
+      case at::kFloat: dispatch_state<float>(pc, gc, m, second[i], row, root, heavy_ball); break;
+      case at::kDouble: dispatch_state<double>(pc, gc, m, second[i], row, root, heavy_ball); break;
+      case at::kBFloat16:
+        dispatch_state<c10::BFloat16>(pc, gc, m, second[i], row, root, heavy_ball);
+        break;
+      case at::kHalf: dispatch_state<c10::Half>(pc, gc, m, second[i], row, root, heavy_ball); break;
+      default: TORCH_CHECK(false, "hf_rootfree fused step: unsupported param dtype ", p.scalar_type());
+    }
+    if (!pc.is_same(p)) p.copy_(pc);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_rootfree, m) {
+  m.def(
+      "fused_elementwise_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, "
+      "Tensor(c!)[] second, Tensor coeffs, bool root, bool heavy_ball) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hf_rootfree, CPU, m) {
+  m.impl("fused_elementwise_step_", &fused_elementwise_step_);
+}

@@ -1,0 +1,744 @@
+"""The element-wise family: one update, four configurations.
+
+RootFreeAdamW, RootFreeRMSprop, AdaX and RootFreeAdaX (DESIGN.md §3.1–3.4) are all one
+element-wise update with a few switches. Per tensor and per step it needs nine scalars,
+the *coefficients* ``(a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add)``::
+
+    s <- a·s + c·g²                               second moment (root-free: s tracks B·g²)
+    d <- (sqrt(s) if root else s)·k + e           denominator (damping/eps outside any root)
+    adam-style momentum (momentum before preconditioning):
+        m <- m_decay·m + m_gain·g
+        p <- p·p_mul − lr·m / d                   p_mul = 1 − η·γ: decoupled weight decay
+    heavy-ball momentum (momentum after preconditioning, RootFreeRMSprop):
+        u <- g / d + wd_add·p                     weight decay joins the step, not preconditioned
+        b <- m_decay·b + u                        (no buffer when momentum = 0: b = u)
+        p <- p − lr·b
+
+Each optimizer class only says how its hyperparameters and the step t map to the coefficients
+(:meth:`_ElementwiseOptimizer._coefficients`); the math lives here, three times over:
+
+* :func:`_single_tensor_step`, the readable reference path (a loop over tensors);
+* :func:`_multi_tensor_step`, ``torch._foreach_*`` ops (the default on CUDA and other devices);
+* :func:`_fused_step`, a compiled C++ kernel that makes one pass over memory (the default on CPU;
+  ``csrc/elementwise.cpp``), built on first use, with a clean fallback to the reference path.
+
+Tests check all three against each other and against a float64 oracle written from DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.optim.optimizer import Optimizer
+
+from . import _fused
+
+__all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
+
+Coefficients = tuple[float, float, float, float, float, float, float, float, float]
+
+_BATCH_SIZE_HELP = (
+    "B is the number of examples the loss is averaged over in one optimizer step (the global batch: "
+    "per-device batch × gradient accumulation steps × number of processes). The root-free "
+    "preconditioner tracks B·g², the per-example curvature, which is what makes lr and damping "
+    "transfer across batch sizes (Lin et al., 2024). The Hugging Face Trainer integration fills it "
+    "in for you."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: errors name the argument, its value and what is allowed.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_real(name: str, value: Any, owner: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_range(name: str, value: Any, owner: str, low: float, high: float, *, low_open=False,
+                 high_open=True) -> None:
+    v = _check_real(name, value, owner)
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value!r}")
+
+
+def _check_nonnegative(name: str, value: Any, owner: str) -> None:
+    _check_range(name, value, owner, 0.0, math.inf)
+
+
+def _check_betas(value: Any, owner: str) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {value!r}")
+
+
+def _check_batch_size(value: Any, owner: str) -> None:
+    if value is None:
+        raise TypeError(f"{owner} needs the keyword argument batch_size (B). {_BATCH_SIZE_HELP}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: batch_size must be a positive number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: batch_size must be a positive number, got {value!r}")
+
+
+def _check_state_dtype(value: Any, owner: str) -> None:
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(
+            f"{owner}: state_dtype must be None or a floating torch.dtype (torch.float32, "
+            f"torch.bfloat16, torch.float16, torch.float64), got {value!r}"
+        )
+
+
+def _check_impl_flags(group: dict[str, Any], owner: str) -> None:
+    for flag in ("foreach", "fused"):
+        if group[flag] not in (None, True, False):
+            raise TypeError(f"{owner}: {flag} must be None, True or False, got {group[flag]!r}")
+    if group["foreach"] and group["fused"]:
+        raise ValueError(f"{owner}: fused=True and foreach=True cannot be set together")
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaX's long-term-memory schedule, kept finite for any step.
+# ---------------------------------------------------------------------------------------------
+
+
+def _log_expm1(y: float) -> float:
+    """log(exp(y) − 1) for y > 0, finite where exp(y) itself overflows."""
+    if y > 30.0:
+        return y + math.log1p(-math.exp(-y))
+    return math.log(math.expm1(y))
+
+
+def adax_weight(step: float, beta2: float, prior_steps: float = 0.0) -> tuple[float, float]:
+    """Return ``(1 − β̂_t, log D_t)`` of AdaX's normalized second-moment average.
+
+    ``D_t = (1 + n0·β2)·(1 + β2)^t − 1`` (AdaX's bias correction c_t when ``n0 = 0``) and
+    ``β̂_t = 1 − β2/D_t``. Written as ``D_t = expm1(t·log1p(β2) + log1p(n0·β2))`` and carried as
+    its logarithm, both stay finite for any t (D_t itself overflows float64 near t ≈ 7·10^6 with
+    β2 = 1e-4; the weight β2/D_t then underflows gracefully to 0).
+    """
+    log_d = _log_expm1(step * math.log1p(beta2) + math.log1p(prior_steps * beta2))
+    return beta2 * math.exp(-log_d), log_d
+
+
+# ---------------------------------------------------------------------------------------------
+# The three paths.
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _single_tensor_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    *,
+    root: bool,
+    heavy_ball: bool,
+) -> None:
+    """Reference path: the update of the module docstring, one tensor at a time."""
+    for i, param in enumerate(params):
+        a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = coeffs[i if len(coeffs) > 1 else 0]
+        dtype = _compute_dtype(param, seconds[i])
+        g = grads[i].to(dtype)
+        s = seconds[i].to(dtype) * a + c * g * g
+        seconds[i].copy_(s)
+        d = (s.sqrt() if root else s) * k + e
+        x = param.to(dtype)
+        if heavy_ball:
+            u = g / d + wd_add * x
+            if bufs:
+                u = bufs[i].to(dtype) * m_decay + u
+                bufs[i].copy_(u)
+            x = x - lr * u
+        else:
+            m = bufs[i].to(dtype) * m_decay + m_gain * g
+            bufs[i].copy_(m)
+            x = x * p_mul - lr * m / d
+        param.copy_(x)
+
+
+def _upcast(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    if tensors and tensors[0].dtype != dtype:
+        return [t.to(dtype) for t in tensors]
+    return tensors
+
+
+def _multi_tensor_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    *,
+    root: bool,
+    heavy_ball: bool,
+) -> None:
+    """Fast path with ``torch._foreach_*`` ops, grouped by (device, dtype)."""
+    if len(coeffs) == 1:
+        coeffs = list(coeffs) * len(params)
+    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
+    for indices in buckets.values():
+        p_list, g_list = [params[i] for i in indices], [grads[i] for i in indices]
+        s_list = [seconds[i] for i in indices]
+        b_list = [bufs[i] for i in indices] if bufs else []
+        a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = (list(col) for col in zip(*(coeffs[i] for i in indices)))
+        dtype = _compute_dtype(p_list[0], s_list[0])
+        x, g = _upcast(p_list, dtype), _upcast(g_list, dtype)
+        s, b = _upcast(s_list, dtype), _upcast(b_list, dtype)
+
+        torch._foreach_mul_(s, a)
+        torch._foreach_addcmul_(s, g, g, c)
+        d = torch._foreach_sqrt(s) if root else torch._foreach_mul(s, 1.0)
+        torch._foreach_mul_(d, k)
+        torch._foreach_add_(d, e)
+        if heavy_ball:
+            u = torch._foreach_div(g, d)
+            torch._foreach_add_(u, torch._foreach_mul(x, wd_add))
+            if b:
+                torch._foreach_mul_(b, m_decay)
+                torch._foreach_add_(b, u)
+                u = b
+            torch._foreach_add_(x, torch._foreach_mul(u, [-v for v in lr]))
+        else:
+            torch._foreach_mul_(b, m_decay)
+            torch._foreach_add_(b, torch._foreach_mul(g, m_gain))
+            torch._foreach_mul_(x, p_mul)
+            torch._foreach_addcdiv_(x, b, d, [-v for v in lr])
+        for src, dst in ((x, p_list), (s, s_list), (b, b_list)):
+            if src is not dst:
+                torch._foreach_copy_(dst, src)
+
+
+def _fused_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    *,
+    root: bool,
+    heavy_ball: bool,
+) -> None:
+    """Fast CPU path: one compiled pass over memory per tensor (``csrc/elementwise.cpp``)."""
+    table = torch.tensor(coeffs, dtype=torch.float64)
+    torch.ops.hf_rootfree.fused_elementwise_step_(params, grads, bufs, seconds, table, root, heavy_ball)
+
+
+_PATHS: dict[str, Callable[..., None]] = {
+    "single_tensor": _single_tensor_step,
+    "foreach": _multi_tensor_step,
+    "fused": _fused_step,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer base class: validation, lazy state, dispatch. Subclasses are configurations.
+# ---------------------------------------------------------------------------------------------
+
+
+class _ElementwiseOptimizer(Optimizer):
+    """Shared machinery of the element-wise family (not public).
+
+    A subclass sets the switches below and maps its hyperparameters to the nine coefficients.
+    """
+
+    #: state key of the second moment ("s" for the root-free s of the paper, "exp_avg_sq" for AdaX)
+    _second_key: str = "s"
+    #: initial value s0 of the second moment (1 for root-free methods, 0 for AdaX)
+    _second_init: float = 1.0
+    #: sqrt(s) in the denominator (AdaX) or s itself (root-free)
+    _root: bool = False
+    #: momentum after preconditioning (RootFreeRMSprop) instead of Adam-style before it
+    _heavy_ball: bool = False
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    # -- hooks for the configurations --------------------------------------------------------
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
+        raise NotImplementedError
+
+    def _uses_buffer(self, group: dict[str, Any]) -> bool:
+        return True
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        _check_nonnegative("lr", group["lr"], owner)
+        _check_nonnegative("weight_decay", group["weight_decay"], owner)
+        _check_state_dtype(group["state_dtype"], owner)
+        _check_impl_flags(group, owner)
+        self._validate_hyperparameters(group)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        owner = type(self).__name__
+        for p in group["params"]:
+            if p.is_complex():
+                raise TypeError(
+                    f"{owner} does not support complex parameters (got one of dtype {p.dtype} and "
+                    f"shape {tuple(p.shape)}); optimize torch.view_as_real(p) instead"
+                )
+            if not p.is_floating_point():
+                raise TypeError(f"{owner} optimizes floating-point parameters, got dtype {p.dtype}")
+        try:
+            self._validate(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("state_dtype", None)
+
+    # -- state ----------------------------------------------------------------------------------
+    @staticmethod
+    def _state_dtype(param: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+        if group["state_dtype"] is not None:
+            return group["state_dtype"]
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping each state tensor in its own dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
+        parameter's dtype, which would round fp32 state of bf16 parameters to bf16. This restores
+        the saved values in the dtype the state is kept in (fp32 unless ``state_dtype`` says
+        otherwise), and keeps ``step`` a float64 CPU tensor.
+        """
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
+        super().load_state_dict(state_dict)
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        for pid, (param, group) in zip(saved_ids, params):
+            for key, value in saved_state[pid].items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    value = value.to(device="cpu", dtype=torch.float64, copy=True)
+                else:
+                    value = value.to(device=param.device, dtype=self._state_dtype(param, group), copy=True)
+                self.state[param][key] = value
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
+        owner = type(self).__name__
+        params, grads, bufs, seconds, steps = [], [], [], [], []
+        with_buffer = self._uses_buffer(group)
+        buf_key = "momentum_buffer" if self._heavy_ball else "exp_avg"
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{owner} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
+                )
+            if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                raise RuntimeError(
+                    f"{owner}: a gradient of dtype {p.grad.dtype} and shape {tuple(p.grad.shape)} does "
+                    f"not match its parameter ({p.dtype}, {tuple(p.shape)})"
+                )
+            state = self.state[p]
+            dtype = self._state_dtype(p, group)
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float64)
+                state[self._second_key] = torch.full_like(
+                    p, self._second_init, dtype=dtype, memory_format=torch.contiguous_format
+                )
+            if with_buffer and buf_key not in state:
+                state[buf_key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            params.append(p)
+            grads.append(p.grad)
+            seconds.append(state[self._second_key])
+            steps.append(state["step"])
+            if with_buffer:
+                bufs.append(state[buf_key])
+        return params, grads, bufs, seconds, steps
+
+    def _path(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
+        all_cpu = all(p.device.type == "cpu" for p in params)
+        if group["fused"]:
+            if not all_cpu:
+                raise RuntimeError(
+                    f"{type(self).__name__}: fused=True runs on CPU tensors only; on other devices "
+                    "use fused=None (the default picks the foreach path)"
+                )
+            if not _fused.fused_kernel_available():
+                raise RuntimeError(
+                    f"{type(self).__name__}: fused=True, but the fused CPU kernel could not be built "
+                    "(see the earlier warning); use fused=None to fall back"
+                )
+            return "fused"
+        if group["foreach"]:
+            return "foreach"
+        if group["fused"] is None and group["foreach"] is None:
+            if all_cpu:
+                return "fused" if _fused.fused_kernel_available() else "single_tensor"
+            return "foreach"
+        return "single_tensor"
+
+    # -- step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: an optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check every group before touching any: bad input must not leave a half-applied step.
+        work = [(group, self._init_group(group)) for group in self.param_groups]
+        for group, (params, grads, bufs, seconds, steps) in work:
+            if not params:
+                continue
+            torch._foreach_add_(steps, 1.0)  # steps live on the CPU: no device sync
+            values = torch.stack(steps).tolist()
+            distinct = set(values)
+            if len(distinct) == 1:
+                coeffs = [self._coefficients(group, values[0])]
+            else:
+                cache = {t: self._coefficients(group, t) for t in distinct}
+                coeffs = [cache[t] for t in values]
+            _PATHS[self._path(group, params)](
+                params, grads, bufs, seconds, coeffs, root=self._root, heavy_ball=self._heavy_ball
+            )
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The four configurations.
+# ---------------------------------------------------------------------------------------------
+
+_IMPL_ARGS_DOC = """
+        state_dtype: dtype of the optimizer state. ``None`` (default) keeps it in float32 for
+            float32/bfloat16/float16 parameters and in float64 for float64 parameters. The update
+            itself is always computed in at least float32.
+        foreach: use the ``torch._foreach_*`` path. ``None`` (default) decides per step: the fused
+            kernel on CPU, foreach elsewhere.
+        fused: use the compiled CPU kernel (built on first use, cached). ``None`` (default) uses
+            it on CPU when it builds and falls back to the reference path otherwise."""
+
+
+class RootFreeAdamW(_ElementwiseOptimizer):
+    __doc__ = rf"""Root-free AdamW (Lin et al., ICML 2024; the authors' ``rfadamw.py``).
+
+    AdamW with the square root removed: the preconditioner is ``1/(s + λ)`` where ``s`` tracks the
+    per-example curvature ``B·g²`` and starts at 1. With µ the parameters, g the mean gradient
+    over B examples, η the learning rate, γ the weight decay and λ the damping::
+
+        µ ← µ·(1 − η·γ)                    decoupled weight decay
+        m ← β1·m + (1 − β1)·g              m0 = 0  (state "exp_avg")
+        s ← β2·s + (1 − β2)·B·g²           s0 = 1  (state "s")
+        µ ← µ − η·m / (s + λ)
+
+    ``bias_correction=True`` divides m by (1 − β1^t) and s by (1 − β2^t), as the authors'
+    prototype can; it is off by default because s0 = 1 is a prior, not a biased zero start.
+
+    ===============  ============================
+    symbol           argument
+    ===============  ============================
+    η                ``lr``
+    β1, β2           ``betas`` (β2 = 1 − the paper's second-moment step size)
+    λ                ``damping``
+    γ                ``weight_decay``
+    B                ``batch_size``
+    ===============  ============================
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        lr: learning rate η (default 1e-3).
+        betas: (β1, β2), each in [0, 1) (default (0.9, 0.999)).
+        damping: λ ≥ 0, added to s with no root (default 1e-4).
+        weight_decay: decoupled weight decay γ ≥ 0 (default 0).
+        batch_size: B, keyword-only and required: the number of examples the loss is averaged over.
+        bias_correction: apply Adam's bias corrections (default False).{_IMPL_ARGS_DOC}
+
+    Paper: W. Lin, F. Dangel, R. Eschenhagen, J. Bae, R. E. Turner, A. Makhzani, "Can We Remove the
+    Square-Root in Adaptive Gradient Methods? A Second-Order Perspective", ICML 2024,
+    https://arxiv.org/abs/2402.03496 ; reference code
+    https://github.com/yorkerlin/remove-the-square-root (``myoptim/rfadamw.py``, commit c8d43f2).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 1e-4,
+        weight_decay: float = 0.0,
+        *,
+        batch_size: float | None = None,
+        bias_correction: bool = False,
+        state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        damping=damping, weight_decay=weight_decay, batch_size=batch_size,
+                        bias_correction=bias_correction, state_dtype=state_dtype, foreach=foreach,
+                        fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        _check_betas(group["betas"], owner)
+        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0)
+        _check_nonnegative("damping", group["damping"], owner)
+        _check_batch_size(group["batch_size"], owner)
+        if not isinstance(group["bias_correction"], bool):
+            raise TypeError(f"{owner}: bias_correction must be True or False, got {group['bias_correction']!r}")
+
+    def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
+        beta1, beta2 = group["betas"]
+        lr, inv_bc2 = group["lr"], 1.0
+        if group["bias_correction"]:
+            lr, inv_bc2 = lr / (1.0 - beta1**step), 1.0 / (1.0 - beta2**step)
+        return (beta2, (1.0 - beta2) * group["batch_size"], inv_bc2, group["damping"],
+                beta1, 1.0 - beta1, lr, 1.0 - group["lr"] * group["weight_decay"], 0.0)
+
+
+class RootFreeRMSprop(_ElementwiseOptimizer):
+    __doc__ = rf"""Root-free RMSprop, the paper's diagonal method (Lin et al., ICML 2024, Fig. 4/7).
+
+    RMSprop with the square root removed, the B·g² curvature estimate started at s0 = 1, damping
+    outside any root, and heavy-ball momentum *after* preconditioning (the authors' ``rfrmsprop.py``)::
+
+        s ← α·s + (1 − α)·B·g²             s0 = 1  (state "s")
+        u ← g / (s + λ) + γ·µ              weight decay joins the step, not preconditioned
+        b ← ρ·b + u                        b0 = 0, no dampening (state "momentum_buffer"); b = u if ρ = 0
+        µ ← µ − η·b
+
+    ===============  ============================
+    symbol           argument
+    ===============  ============================
+    η                ``lr``   (the paper's β1)
+    α                ``alpha`` (1 − the paper's β2, the preconditioner step size)
+    λ                ``damping``
+    ρ                ``momentum`` (the paper's α1)
+    γ                ``weight_decay``
+    B                ``batch_size``
+    ===============  ============================
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate η (default 1e-2).
+        alpha: second-moment decay α in [0, 1) (default 0.99).
+        damping: λ ≥ 0 (default 1e-4).
+        momentum: heavy-ball momentum ρ in [0, 1) (default 0.9).
+        weight_decay: γ ≥ 0 (default 0).
+        batch_size: B, keyword-only and required: the number of examples the loss is averaged over.{_IMPL_ARGS_DOC}
+
+    Paper: https://arxiv.org/abs/2402.03496 ; reference code
+    https://github.com/yorkerlin/remove-the-square-root (``myoptim/rfrmsprop.py``, commit e26d7c9).
+    """
+
+    _heavy_ball = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        damping: float = 1e-4,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        batch_size: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, alpha=alpha, damping=damping, momentum=momentum,
+                        weight_decay=weight_decay, batch_size=batch_size, state_dtype=state_dtype,
+                        foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        _check_range("alpha", group["alpha"], owner, 0.0, 1.0)
+        _check_nonnegative("damping", group["damping"], owner)
+        _check_range("momentum", group["momentum"], owner, 0.0, 1.0)
+        _check_batch_size(group["batch_size"], owner)
+
+    def _uses_buffer(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] != 0
+
+    def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
+        alpha = group["alpha"]
+        return (alpha, (1.0 - alpha) * group["batch_size"], 1.0, group["damping"],
+                group["momentum"], 1.0, group["lr"], 1.0, group["weight_decay"])
+
+
+class AdaX(_ElementwiseOptimizer):
+    __doc__ = rf"""AdaX with decoupled weight decay (AdaX-W of Li, Zhang, Wang, Luo, 2020).
+
+    Adam's exponential moving average of g² replaced by a long-term memory that never forgets::
+
+        µ ← µ·(1 − η·γ)
+        m ← β1·m + (1 − β1)·g              no bias correction of m  (state "exp_avg")
+        v ← (1 + β2)·v + β2·g²             v0 = 0, grows without bound
+        c_t = (1 + β2)^t − 1
+        µ ← µ − η·sqrt(c_t)·m / (sqrt(v) + ε)
+
+    # NOTE: v overflows float32 near t ≈ 9·10^5 (β2 = 1e-4), so the state is the normalized
+    # v̂ = v/c_t (state "exp_avg_sq"), which obeys v̂ ← β̂_t·v̂ + (1 − β̂_t)·g² with
+    # β̂_t = 1 − β2/c_t, and the step is η·m/(sqrt(v̂) + ε/sqrt(c_t)) -- the same update. c_t is
+    # carried as log c_t = log expm1(t·log1p(β2)), so every scalar stays finite for any t.
+    # β̂_t ≈ 1 − 1/t early on: AdaFactor's increasing-β2 schedule (Su Jianlin's reading).
+
+    ===============  ============================
+    symbol           argument
+    ===============  ============================
+    η                ``lr``
+    β1, β2           ``betas`` (β2 is small: 1e-4)
+    ε                ``eps``
+    γ                ``weight_decay``
+    ===============  ============================
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate η (default 5e-3).
+        betas: (β1 in [0, 1), β2 in (0, 1)) (default (0.9, 1e-4)).
+        eps: ε ≥ 0, added outside the root (default 1e-12).
+        weight_decay: decoupled weight decay γ ≥ 0 (default 0).{_IMPL_ARGS_DOC}
+
+    Paper: W. Li, Z. Zhang, X. Wang, P. Luo, "AdaX: Adaptive Gradient Descent with Exponential
+    Long Term Memory", https://arxiv.org/abs/2004.09740 ; code
+    https://github.com/switchablenorms/AdaX (``AdaXW``, commit e18f35f).
+    """
+
+    _second_key = "exp_avg_sq"
+    _second_init = 0.0
+    _root = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 5e-3,
+        betas: tuple[float, float] = (0.9, 1e-4),
+        eps: float = 1e-12,
+        weight_decay: float = 0.0,
+        *,
+        state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach,
+                        fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        _check_betas(group["betas"], owner)
+        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
+        _check_nonnegative("eps", group["eps"], owner)
+
+    def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
+        beta1, beta2 = group["betas"]
+        weight, log_c = adax_weight(step, beta2)
+        return (1.0 - weight, weight, 1.0, group["eps"] * math.exp(-0.5 * log_c),
+                beta1, 1.0 - beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], 0.0)
+
+
+class RootFreeAdaX(_ElementwiseOptimizer):
+    __doc__ = rf"""Root-free AdaX: the paper's root-free update with AdaX's long-term memory.
+
+    AdaX's never-forgetting average of the per-example curvature B·g², with the root-free prior
+    s0 = 1 counted as n0 (``prior_steps``) pseudo-observations at time 0::
+
+        D_t = (1 + n0·β2)·(1 + β2)^t − 1           D_0 = n0·β2
+        β̂_t = 1 − β2 / D_t
+        m ← β1·m + (1 − β1)·g                     (state "exp_avg")
+        s ← β̂_t·s + (1 − β̂_t)·B·g²                s0 = 1  (state "s")
+        µ ← µ·(1 − η·γ) − η·m / (s + λ)
+
+    With n0 = 1 the prior and the first observation weigh equally at t = 1. D_t is carried as its
+    logarithm (``D_t = expm1(t·log1p(β2) + log1p(n0·β2))``), so it stays finite for any t.
+
+    ===============  ============================
+    symbol           argument
+    ===============  ============================
+    η                ``lr``
+    β1, β2           ``betas`` (β2 small, as in AdaX)
+    λ                ``damping``
+    n0               ``prior_steps``
+    γ                ``weight_decay``
+    B                ``batch_size``
+    ===============  ============================
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate η (default 1e-3).
+        betas: (β1 in [0, 1), β2 in (0, 1)) (default (0.9, 1e-4)).
+        damping: λ ≥ 0 (default 1e-4).
+        weight_decay: decoupled weight decay γ ≥ 0 (default 0).
+        prior_steps: n0 ≥ 0, the weight of the prior s0 = 1 in steps (default 1).
+        batch_size: B, keyword-only and required: the number of examples the loss is averaged over.{_IMPL_ARGS_DOC}
+
+    This combination is new in hf_rootfree (DESIGN.md §3.4); it follows the root-free recipe of
+    https://arxiv.org/abs/2402.03496 and AdaX's schedule from https://arxiv.org/abs/2004.09740 .
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 1e-4),
+        damping: float = 1e-4,
+        weight_decay: float = 0.0,
+        prior_steps: float = 1.0,
+        *,
+        batch_size: float | None = None,
+        state_dtype: torch.dtype | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        damping=damping, weight_decay=weight_decay, prior_steps=prior_steps,
+                        batch_size=batch_size, state_dtype=state_dtype, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
+        owner = type(self).__name__
+        _check_betas(group["betas"], owner)
+        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
+        _check_nonnegative("damping", group["damping"], owner)
+        _check_nonnegative("prior_steps", group["prior_steps"], owner)
+        _check_batch_size(group["batch_size"], owner)
+
+    def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
+        beta1, beta2 = group["betas"]
+        weight, _ = adax_weight(step, beta2, group["prior_steps"])
+        return (1.0 - weight, weight * group["batch_size"], 1.0, group["damping"],
+                beta1, 1.0 - beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], 0.0)
