@@ -55,7 +55,7 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     common = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
-    attempts = [common + ["-march=native", "-fopenmp"], common + ["-fopenmp"], common]
+    attempts = [[*common, "-march=native", "-fopenmp"], [*common, "-fopenmp"], common]
     last_error: Exception | None = None
     for cflags in attempts:
         try:

@@ -62,8 +62,9 @@ def _check_real(name: str, value: Any, owner: str) -> float:
     return float(value)
 
 
-def _check_range(name: str, value: Any, owner: str, low: float, high: float, *, low_open=False,
-                 high_open=True) -> None:
+def _check_range(
+    name: str, value: Any, owner: str, low: float, high: float, *, low_open=False, high_open=True
+) -> None:
     v = _check_real(name, value, owner)
     too_low = v <= low if low_open else v < low
     too_high = v >= high if high_open else v > high
@@ -197,7 +198,8 @@ def _multi_tensor_step(
         p_list, g_list = [params[i] for i in indices], [grads[i] for i in indices]
         s_list = [seconds[i] for i in indices]
         b_list = [bufs[i] for i in indices] if bufs else []
-        a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = (list(col) for col in zip(*(coeffs[i] for i in indices)))
+        columns = zip(*(coeffs[i] for i in indices))
+        a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = (list(col) for col in columns)
         dtype = _compute_dtype(p_list[0], s_list[0])
         x, g = _upcast(p_list, dtype), _upcast(g_list, dtype)
         s, b = _upcast(s_list, dtype), _upcast(b_list, dtype)
@@ -500,10 +502,17 @@ class RootFreeAdamW(_ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        damping=damping, weight_decay=weight_decay, batch_size=batch_size,
-                        bias_correction=bias_correction, state_dtype=state_dtype, foreach=foreach,
-                        fused=fused)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            damping=damping,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            bias_correction=bias_correction,
+            state_dtype=state_dtype,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -514,15 +523,25 @@ class RootFreeAdamW(_ElementwiseOptimizer):
         _check_nonnegative("damping", group["damping"], owner)
         _check_batch_size(group["batch_size"], owner)
         if not isinstance(group["bias_correction"], bool):
-            raise TypeError(f"{owner}: bias_correction must be True or False, got {group['bias_correction']!r}")
+            value = group["bias_correction"]
+            raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
         lr, inv_bc2 = group["lr"], 1.0
         if group["bias_correction"]:
             lr, inv_bc2 = lr / (1.0 - beta1**step), 1.0 / (1.0 - beta2**step)
-        return (beta2, (1.0 - beta2) * group["batch_size"], inv_bc2, group["damping"],
-                beta1, 1.0 - beta1, lr, 1.0 - group["lr"] * group["weight_decay"], 0.0)
+        return (
+            beta2,
+            (1.0 - beta2) * group["batch_size"],
+            inv_bc2,
+            group["damping"],
+            beta1,
+            1.0 - beta1,
+            lr,
+            1.0 - group["lr"] * group["weight_decay"],
+            0.0,
+        )
 
 
 class RootFreeRMSprop(_ElementwiseOptimizer):
@@ -554,7 +573,8 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
         damping: λ ≥ 0 (default 1e-4).
         momentum: heavy-ball momentum ρ in [0, 1) (default 0.9).
         weight_decay: γ ≥ 0 (default 0).
-        batch_size: B, keyword-only and required: the number of examples the loss is averaged over.{_IMPL_ARGS_DOC}
+        batch_size: B, keyword-only and required: the number of examples the loss is averaged
+            over.{_IMPL_ARGS_DOC}
 
     Paper: https://arxiv.org/abs/2402.03496 ; reference code
     https://github.com/yorkerlin/remove-the-square-root (``myoptim/rfrmsprop.py``, commit e26d7c9).
@@ -576,9 +596,17 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, alpha=alpha, damping=damping, momentum=momentum,
-                        weight_decay=weight_decay, batch_size=batch_size, state_dtype=state_dtype,
-                        foreach=foreach, fused=fused)
+        defaults = dict(
+            lr=lr,
+            alpha=alpha,
+            damping=damping,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            state_dtype=state_dtype,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -593,8 +621,17 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         alpha = group["alpha"]
-        return (alpha, (1.0 - alpha) * group["batch_size"], 1.0, group["damping"],
-                group["momentum"], 1.0, group["lr"], 1.0, group["weight_decay"])
+        return (
+            alpha,
+            (1.0 - alpha) * group["batch_size"],
+            1.0,
+            group["damping"],
+            group["momentum"],
+            1.0,
+            group["lr"],
+            1.0,
+            group["weight_decay"],
+        )
 
 
 class AdaX(_ElementwiseOptimizer):
@@ -651,9 +688,15 @@ class AdaX(_ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, state_dtype=state_dtype, foreach=foreach,
-                        fused=fused)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            state_dtype=state_dtype,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -666,8 +709,17 @@ class AdaX(_ElementwiseOptimizer):
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
         weight, log_c = adax_weight(step, beta2)
-        return (1.0 - weight, weight, 1.0, group["eps"] * math.exp(-0.5 * log_c),
-                beta1, 1.0 - beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], 0.0)
+        return (
+            1.0 - weight,
+            weight,
+            1.0,
+            group["eps"] * math.exp(-0.5 * log_c),
+            beta1,
+            1.0 - beta1,
+            group["lr"],
+            1.0 - group["lr"] * group["weight_decay"],
+            0.0,
+        )
 
 
 class RootFreeAdaX(_ElementwiseOptimizer):
@@ -703,7 +755,8 @@ class RootFreeAdaX(_ElementwiseOptimizer):
         damping: λ ≥ 0 (default 1e-4).
         weight_decay: decoupled weight decay γ ≥ 0 (default 0).
         prior_steps: n0 ≥ 0, the weight of the prior s0 = 1 in steps (default 1).
-        batch_size: B, keyword-only and required: the number of examples the loss is averaged over.{_IMPL_ARGS_DOC}
+        batch_size: B, keyword-only and required: the number of examples the loss is averaged
+            over.{_IMPL_ARGS_DOC}
 
     This combination is new in hf_rootfree (DESIGN.md §3.4); it follows the root-free recipe of
     https://arxiv.org/abs/2402.03496 and AdaX's schedule from https://arxiv.org/abs/2004.09740 .
@@ -723,9 +776,17 @@ class RootFreeAdaX(_ElementwiseOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
-                        damping=damping, weight_decay=weight_decay, prior_steps=prior_steps,
-                        batch_size=batch_size, state_dtype=state_dtype, foreach=foreach, fused=fused)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            damping=damping,
+            weight_decay=weight_decay,
+            prior_steps=prior_steps,
+            batch_size=batch_size,
+            state_dtype=state_dtype,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -740,5 +801,14 @@ class RootFreeAdaX(_ElementwiseOptimizer):
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
         weight, _ = adax_weight(step, beta2, group["prior_steps"])
-        return (1.0 - weight, weight * group["batch_size"], 1.0, group["damping"],
-                beta1, 1.0 - beta1, group["lr"], 1.0 - group["lr"] * group["weight_decay"], 0.0)
+        return (
+            1.0 - weight,
+            weight * group["batch_size"],
+            1.0,
+            group["damping"],
+            beta1,
+            1.0 - beta1,
+            group["lr"],
+            1.0 - group["lr"] * group["weight_decay"],
+            0.0,
+        )
