@@ -2,10 +2,47 @@
 
 Optimizers from Lin et al., "Can We Remove the Square-Root in Adaptive Gradient Methods? A
 Second-Order Perspective" (ICML 2024) and AdaX (Li et al., 2020), as plain PyTorch optimizers.
+
+Importing the package registers the ``--optim`` names ``rootfree_adamw``, ``rootfree_rmsprop``,
+``adax`` and ``rootfree_adax`` with transformers (:func:`register` is the explicit, idempotent
+form). If transformers' internals are not what we expect, the import only warns, so the
+optimizers stay usable; :func:`register` raises with the reason and the fallback
+:func:`optimizer_cls_and_kwargs`.
 """
 
+import warnings
+
 from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from .registry import OPTIMIZERS, optimizer_cls_and_kwargs, parse_optim_args
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop", "__version__"]
+__all__ = [
+    "OPTIMIZERS",
+    "AdaX",
+    "RootFreeAdaX",
+    "RootFreeAdamW",
+    "RootFreeRMSprop",
+    "__version__",
+    "optimizer_cls_and_kwargs",
+    "parse_optim_args",
+    "register",
+]
+
+
+def register() -> None:
+    """Register the ``--optim`` names with transformers (idempotent).
+
+    Raises:
+        hf_rootfree.integrations.transformers.IntegrationError: transformers' internals changed;
+            the message names the fallback :func:`optimizer_cls_and_kwargs`.
+    """
+    from .integrations.transformers import register as _register
+
+    _register()
+
+
+try:
+    register()
+except Exception as _error:  # keep the optimizers importable whatever transformers does
+    warnings.warn(f"hf_rootfree: --optim names not registered: {_error}", RuntimeWarning, stacklevel=2)

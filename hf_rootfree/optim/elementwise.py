@@ -403,6 +403,32 @@ class _ElementwiseOptimizer(Optimizer):
             return "foreach"
         return "single_tensor"
 
+    # -- diagnostics --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Statistics for logging: the mean second moment and the mean preconditioner.
+
+        ``s_mean`` is the mean of the second-moment state over all elements (root-free: the
+        curvature estimate s, ≈ 1 early, ≈ B·E[g²] later); ``precond_mean`` is the mean of the
+        per-element step scale 1/(s + λ) (AdaX: 1/(sqrt(v̂) + ε)). Reads the state, so it
+        synchronizes with the device: call it at logging steps only.
+        """
+        total, s_sum, precond_sum = 0, 0.0, 0.0
+        for group in self.param_groups:
+            damping = group.get("damping", group.get("eps", 0.0))
+            for p in group["params"]:
+                s = self.state.get(p, {}).get(self._second_key)
+                if s is None or s.numel() == 0:
+                    continue
+                s = s.double()
+                denom = (s.sqrt() if self._root else s) + damping
+                total += s.numel()
+                s_sum += float(s.sum())
+                precond_sum += float(denom.reciprocal().sum())
+        if total == 0:
+            return {}
+        return {"s_mean": s_sum / total, "precond_mean": precond_sum / total}
+
     # -- step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
