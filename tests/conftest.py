@@ -1,0 +1,28 @@
+"""Shared test setup: offline, CPU only, importable from a plain checkout."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network (DESIGN §7).
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+# `pytest tests` from a checkout that was not `pip install -e .`-ed still finds the package.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_fused_kernel_once() -> None:
+    """Build (or load from the torch extensions cache) the fused CPU kernel before the first test,
+    so no single test carries the ~15 s first build. Whether it built is checked by
+    ``test_the_fused_cpu_kernel_builds_and_loads``."""
+    from hf_rootfree.optim import _fused
+
+    _fused.fused_kernel_available()

@@ -1,0 +1,134 @@
+"""The config table of the element-wise optimizers (in the spirit of torch's ``optim_db``).
+
+Every generic test in ``test_elementwise.py`` runs over :data:`OPTIM_DB`: each case is an optimizer
+class with non-default hyperparameters (weight decay > 0, B ≠ 1, damping/eps that matter), the
+float64 oracle of ``oracle.py`` that implements the same equations, and the map from the oracle's
+symbols to the package's state keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import oracle
+import torch
+
+from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+
+#: the three implementations of one update, selected by constructor flags
+PATHS: dict[str, dict[str, bool]] = {
+    "single_tensor": {"foreach": False, "fused": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
+def _adam_style_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"exp_avg": o["m"], "s": o["s"]}
+
+
+def _rmsprop_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {"s": o["s"], "momentum_buffer": o["b"]} if case.kwargs["momentum"] else {"s": o["s"]}
+
+
+def _adax_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
+    # The package keeps the normalized v̂ = v / c_t (DESIGN §3.3).
+    return {"exp_avg": o["m"], "exp_avg_sq": o["v"] / oracle.adax_c(o["t"], case.kwargs["betas"][1])}
+
+
+@dataclass(frozen=True)
+class OptimCase:
+    """One row of the table: an optimizer configuration and what it should compute."""
+
+    id: str
+    cls: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any]
+    #: oracle.<fn>(mu, g, state, **kwargs) -> new mu
+    oracle: Callable[..., torch.Tensor]
+    #: maps the oracle's state dict (symbols) to the package's state keys, without "step"
+    oracle_to_state: Callable[[OptimCase, dict[str, Any]], dict[str, torch.Tensor]]
+    #: the name of the second-moment state key
+    second_key: str
+    #: a learning rate with which the small regression of the goes-down test trains well
+    train_lr: float
+    #: initial value s0 of the second moment
+    second_init: float = 1.0
+
+    def make(self, params: Any, **overrides: Any) -> torch.optim.Optimizer:
+        return self.cls(params, **{**self.kwargs, **overrides})
+
+    def __str__(self) -> str:
+        return self.id
+
+
+OPTIM_DB: list[OptimCase] = [
+    OptimCase(
+        "rootfree_adamw",
+        RootFreeAdamW,
+        dict(lr=2e-2, betas=(0.8, 0.95), damping=1e-3, weight_decay=0.1, batch_size=32),
+        oracle.rootfree_adamw,
+        _adam_style_state,
+        "s",
+        train_lr=0.3,
+    ),
+    OptimCase(
+        "rootfree_adamw_bias_correction",
+        RootFreeAdamW,
+        dict(lr=1e-2, betas=(0.9, 0.95), damping=5e-2, weight_decay=0.05, batch_size=8, bias_correction=True),
+        oracle.rootfree_adamw,
+        _adam_style_state,
+        "s",
+        train_lr=1.0,
+    ),
+    OptimCase(
+        "rootfree_rmsprop",
+        RootFreeRMSprop,
+        dict(lr=1e-2, alpha=0.95, damping=1e-3, momentum=0.8, weight_decay=0.1, batch_size=32),
+        oracle.rootfree_rmsprop,
+        _rmsprop_state,
+        "s",
+        train_lr=0.1,
+    ),
+    OptimCase(
+        "rootfree_rmsprop_no_momentum",
+        RootFreeRMSprop,
+        dict(lr=2e-2, alpha=0.9, damping=1e-2, momentum=0.0, weight_decay=0.05, batch_size=16),
+        oracle.rootfree_rmsprop,
+        _rmsprop_state,
+        "s",
+        train_lr=0.1,
+    ),
+    OptimCase(
+        "adax",
+        AdaX,
+        dict(lr=1e-2, betas=(0.8, 1e-3), eps=1e-3, weight_decay=0.1),
+        oracle.adax,
+        _adax_state,
+        "exp_avg_sq",
+        train_lr=0.1,
+        second_init=0.0,
+    ),
+    OptimCase(
+        "rootfree_adax",
+        RootFreeAdaX,
+        dict(lr=2e-2, betas=(0.8, 1e-3), damping=1e-3, weight_decay=0.1, prior_steps=2.0, batch_size=32),
+        oracle.rootfree_adax,
+        _adam_style_state,
+        "s",
+        train_lr=0.3,
+    ),
+    OptimCase(
+        "rootfree_adax_no_prior",
+        RootFreeAdaX,
+        dict(lr=1e-2, betas=(0.9, 1e-3), damping=1e-2, weight_decay=0.01, prior_steps=0.0, batch_size=4),
+        oracle.rootfree_adax,
+        _adam_style_state,
+        "s",
+        train_lr=0.1,
+    ),
+]
+
+#: the cases whose optimizer is AdaX-like (the long-term-memory schedule)
+ADAX_CASES = [case for case in OPTIM_DB if case.cls in (AdaX, RootFreeAdaX)]
