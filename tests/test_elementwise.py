@@ -615,28 +615,10 @@ def test_adax_long_horizon_steps_stay_finite(case: OptimCase, path: str, dtype: 
         assert torch.isfinite(value).all(), key
 
 
-def _zero_gradient_xfail(case_id: str, dtype: torch.dtype, t: int):
-    # ε/sqrt(c_t) underflows to 0 in the compute dtype (float32 for float32/bf16 parameters:
-    # t ≳ 1.5·10^6; float64: t ≳ 1.5·10^7 with β2 = 1e-4), and then 0/0 = NaN where v̂ = m = 0.
-    underflows = t >= 10**7 if dtype != torch.float64 else t >= 10**8
-    if case_id == "adax" and underflows:
-        return [
-            pytest.mark.xfail(
-                reason="BUG: AdaX's normalized denominator sqrt(v̂) + ε/sqrt(c_t) is 0 where the gradient "
-                "has always been 0 once ε/sqrt(c_t) underflows, so the update is 0/0 = NaN; the "
-                "original form η·sqrt(c_t)·m/(sqrt(v) + ε) gives 0 there (DESIGN §3.3)",
-                strict=True,
-            )
-        ]
-    return []
-
-
 @pytest.mark.parametrize(
     ("case", "dtype", "t"),
     [
-        pytest.param(
-            case, dtype, t, marks=_zero_gradient_xfail(case.id, dtype, t), id=f"{case.id}-{dtype}-{t}"
-        )
+        pytest.param(case, dtype, t, id=f"{case.id}-{dtype}-{t}")
         for case in ONE_PER_ADAX_CLASS
         for dtype in (torch.float32, torch.bfloat16, torch.float64)
         for t in LONG_STEPS
@@ -780,17 +762,7 @@ INVALID = [
         r"AdaX: state_dtype must be None or a floating torch\.dtype",
     ),
     (RootFreeAdamW, {"foreach": "yes"}, TypeError, r"foreach must be None, True or False, got 'yes'"),
-    pytest.param(
-        RootFreeRMSprop,
-        {"fused": 1.0},
-        TypeError,
-        r"fused must be None, True or False, got 1\.0",
-        marks=pytest.mark.xfail(
-            reason="BUG: _check_impl_flags tests `value not in (None, True, False)`, and 1.0 == True, "
-            "so fused=1.0 (or 1, 0, 0.0) passes validation and is used as a bool",
-            strict=True,
-        ),
-    ),
+    (RootFreeRMSprop, {"fused": 1.0}, TypeError, r"fused must be None, True or False, got 1\.0"),
 ]
 
 
@@ -845,12 +817,6 @@ def test_complex_params_are_rejected_with_a_type_error(cls) -> None:
         cls([_param(), torch.zeros(3, dtype=torch.complex64, requires_grad=True)], **REQUIRED[cls])
 
 
-@pytest.mark.xfail(
-    reason="BUG: _ElementwiseOptimizer.add_param_group raises the complex/non-float TypeError after "
-    "super().add_param_group appended the group and outside the try/except that pops it, so the "
-    "rejected group stays in param_groups",
-    strict=True,
-)
 @pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
 def test_a_complex_param_group_rejected_by_add_param_group_is_not_kept(cls) -> None:
     opt = cls([_param()], **REQUIRED[cls])

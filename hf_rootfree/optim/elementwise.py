@@ -38,6 +38,7 @@ from . import _fused
 
 __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 Coefficients = tuple[float, float, float, float, float, float, float, float, float]
 
 _BATCH_SIZE_HELP = (
@@ -101,7 +102,7 @@ def _check_state_dtype(value: Any, owner: str) -> None:
 
 def _check_impl_flags(group: dict[str, Any], owner: str) -> None:
     for flag in ("foreach", "fused"):
-        if group[flag] not in (None, True, False):
+        if not (group[flag] is None or isinstance(group[flag], bool)):
             raise TypeError(f"{owner}: {flag} must be None, True or False, got {group[flag]!r}")
     if group["foreach"] and group["fused"]:
         raise ValueError(f"{owner}: fused=True and foreach=True cannot be set together")
@@ -294,7 +295,13 @@ class _ElementwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._validate_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a rejected group is not kept
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
         for p in group["params"]:
             if p.is_complex():
@@ -304,11 +311,7 @@ class _ElementwiseOptimizer(Optimizer):
                 )
             if not p.is_floating_point():
                 raise TypeError(f"{owner} optimizes floating-point parameters, got dtype {p.dtype}")
-        try:
-            self._validate(group)
-        except Exception:
-            self.param_groups.pop()
-            raise
+        self._validate(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -735,11 +738,17 @@ class AdaX(_ElementwiseOptimizer):
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
         weight, log_c = adax_weight(step, beta2)
+        eps = group["eps"] * math.exp(-0.5 * log_c)
+        if group["eps"] > 0:
+            # NOTE: ε/sqrt(c_t) underflows to 0 in float32 near t ≈ 1.5·10^6 (β2 = 1e-4), which
+            # would turn the zero step of an entry whose gradient was always 0 into 0/0. Keeping
+            # it at least float32's smallest normal number changes no other step measurably.
+            eps = max(eps, _FLOAT32_TINY)
         return (
             1.0 - weight,
             weight,
             1.0,
-            group["eps"] * math.exp(-0.5 * log_c),
+            eps,
             beta1,
             1.0 - beta1,
             group["lr"],
