@@ -179,6 +179,18 @@ def _upcast(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tenso
     return tensors
 
 
+def _any_not(values: list[float], value: float) -> bool:
+    return any(v != value for v in values)
+
+
+def _foreach_axpy_(y: list[torch.Tensor], x: list[torch.Tensor], alphas: list[float]) -> None:
+    """y ← y + alpha·x per tensor, in one fused op when alpha is the same for every tensor."""
+    if all(a == alphas[0] for a in alphas):
+        torch._foreach_add_(y, x, alpha=alphas[0])
+    else:
+        torch._foreach_add_(y, torch._foreach_mul(x, alphas))
+
+
 def _multi_tensor_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -207,22 +219,34 @@ def _multi_tensor_step(
 
         torch._foreach_mul_(s, a)
         torch._foreach_addcmul_(s, g, g, c)
-        d = torch._foreach_sqrt(s) if root else torch._foreach_mul(s, 1.0)
-        torch._foreach_mul_(d, k)
-        torch._foreach_add_(d, e)
+        if root:
+            d = torch._foreach_sqrt(s)
+            if _any_not(k, 1.0):
+                torch._foreach_mul_(d, k)
+            torch._foreach_add_(d, e)
+        elif _any_not(k, 1.0):
+            d = torch._foreach_mul(s, k)
+            torch._foreach_add_(d, e)
+        else:
+            d = torch._foreach_add(s, e)
+        neg_lr = [-v for v in lr]
         if heavy_ball:
             u = torch._foreach_div(g, d)
-            torch._foreach_add_(u, torch._foreach_mul(x, wd_add))
+            if _any_not(wd_add, 0.0):
+                _foreach_axpy_(u, x, wd_add)
             if b:
                 torch._foreach_mul_(b, m_decay)
                 torch._foreach_add_(b, u)
                 u = b
-            torch._foreach_add_(x, torch._foreach_mul(u, [-v for v in lr]))
+            _foreach_axpy_(x, u, neg_lr)
         else:
             torch._foreach_mul_(b, m_decay)
+            # NOTE: m_gain·g is rounded before the add, as in the reference path (an alpha= add
+            # may fuse it and drift by a few ulps over many steps).
             torch._foreach_add_(b, torch._foreach_mul(g, m_gain))
-            torch._foreach_mul_(x, p_mul)
-            torch._foreach_addcdiv_(x, b, d, [-v for v in lr])
+            if _any_not(p_mul, 1.0):
+                torch._foreach_mul_(x, p_mul)
+            torch._foreach_addcdiv_(x, b, d, neg_lr)
         for src, dst in ((x, p_list), (s, s_list), (b, b_list)):
             if src is not dst:
                 torch._foreach_copy_(dst, src)
