@@ -17,6 +17,15 @@ import torch
 
 from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
 
+#: the --optim names and the classes they must build (spelled out, not read from the registry)
+NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax"]
+CLASSES = {
+    "rootfree_adamw": RootFreeAdamW,
+    "rootfree_rmsprop": RootFreeRMSprop,
+    "adax": AdaX,
+    "rootfree_adax": RootFreeAdaX,
+}
+
 #: the three implementations of one update, selected by constructor flags
 PATHS: dict[str, dict[str, bool]] = {
     "single_tensor": {"foreach": False, "fused": False},

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optim_db import NAMES
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -20,15 +21,8 @@ from transformers import (
 )
 
 import hf_rootfree
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, parse_optim_args
+from hf_rootfree import RootFreeAdamW, parse_optim_args
 
-NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax"]
-CLASSES = {
-    "rootfree_adamw": RootFreeAdamW,
-    "rootfree_rmsprop": RootFreeRMSprop,
-    "adax": AdaX,
-    "rootfree_adax": RootFreeAdaX,
-}
 #: every keyword --optim_args may set, per name (lr and weight_decay belong to TrainingArguments)
 VALID_KEYS = {
     "rootfree_adamw": [

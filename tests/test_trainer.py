@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optim_db import CLASSES, NAMES
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -29,19 +30,12 @@ from transformers import (
 from transformers.training_args import OptimizerNames
 
 import hf_rootfree
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from hf_rootfree import RootFreeAdamW
 from hf_rootfree.callbacks import RootFreeDiagnosticsCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_unmodified.py"
 
-NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax"]
-CLASSES = {
-    "rootfree_adamw": RootFreeAdamW,
-    "rootfree_rmsprop": RootFreeRMSprop,
-    "adax": AdaX,
-    "rootfree_adax": RootFreeAdaX,
-}
 #: names whose optimizer takes batch_size (B); AdaX does not
 WITH_BATCH_SIZE = {"rootfree_adamw", "rootfree_rmsprop", "rootfree_adax"}
 #: learning rates under which the tiny models learn within a few dozen steps. The root-free
