@@ -12,7 +12,7 @@ optimizers stay usable; :func:`register` raises with the reason and the fallback
 
 import warnings
 
-from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 from .registry import OPTIMIZERS, optimizer_cls_and_kwargs, parse_optim_args
 
 __version__ = "0.1.0.dev0"
@@ -23,6 +23,7 @@ __all__ = [
     "RootFreeAdaX",
     "RootFreeAdamW",
     "RootFreeRMSprop",
+    "SIRFShampoo",
     "__version__",
     "optimizer_cls_and_kwargs",
     "parse_optim_args",

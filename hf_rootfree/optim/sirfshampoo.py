@@ -1,0 +1,746 @@
+"""SIRFShampoo: structured inverse- and root-free Shampoo (Lin et al., ICML 2024).
+
+One preconditioner per parameter (or per weight + bias of a layer when ``model`` is given): a
+Kronecker product of factors K_1 … K_N, one per axis of the (squeezed, optionally merged) gradient,
+updated with matrix products only. See :class:`SIRFShampoo` for the update.
+
+Implementation notes:
+
+* Factor updates of blocks with the same shape, structures and hyperparameters run as one batched
+  computation (``torch.bmm``-style products over a leading batch axis).
+* K Kᵀ (scaled to stay in range, as the reference package does) is cached in the state after each
+  factor update, so the steps in between cost one product per axis.
+* ``step()`` never synchronizes with the device: the update schedule is kept on the host, scalars
+  that depend on the factors stay tensors, and a non-finite factor update is rejected with
+  ``torch.where`` and counted in a device tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .elementwise import _BATCH_SIZE_HELP, _check_batch_size, _check_nonnegative, _check_range
+from .structures import STRUCTURES, Structure, make_structure
+
+__all__ = ["SIRFShampoo"]
+
+_OWNER = "SIRFShampoo"
+
+#: group options that shape or drive the preconditioner: blocks that share a preconditioner, or
+#: are batched together, must agree on all of them
+_PRECOND_KEYS = (
+    "precond_lr",
+    "precond_momentum",
+    "damping",
+    "batch_size",
+    "update_freq",
+    "structures",
+    "precond_dtype",
+    "max_dense_dim",
+    "merge_dims",
+    "block_size",
+    "hierarchical_sizes",
+    "large_dim_structure",
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def _dtype_name(value: Any) -> str | None:
+    """Normalize ``precond_dtype`` to a plain string (param groups hold plain values only)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+    elif isinstance(value, str):
+        name = value.removeprefix("torch.")
+    else:
+        name = None
+    if name not in _DTYPES:
+        raise TypeError(
+            f"{_OWNER}: precond_dtype must be None or one of torch.float32, torch.bfloat16, "
+            f"torch.float16, torch.float64 (or their names), got {value!r}"
+        )
+    return name
+
+
+def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or a positive integer" if allow_none else "a positive integer"
+        raise ValueError(f"{_OWNER}: {name} must be {allowed}, got {value!r}")
+
+
+def _normalize_structures(value: Any) -> str | tuple[str, ...] | dict[int, str | tuple[str, ...]]:
+    """Check ``structures`` and return it as plain, picklable values."""
+
+    def check_name(name: Any) -> str:
+        if not isinstance(name, str) or name not in STRUCTURES:
+            raise ValueError(
+                f"{_OWNER}: unknown factor structure {name!r} in structures={value!r}; "
+                f"allowed: {', '.join(STRUCTURES)}"
+            )
+        return name
+
+    def check_entry(entry: Any) -> str | tuple[str, ...]:
+        if isinstance(entry, str):
+            return check_name(entry)
+        if isinstance(entry, (tuple, list)) and entry:
+            return tuple(check_name(name) for name in entry)
+        raise ValueError(
+            f"{_OWNER}: structures={value!r}: each entry must be a structure name or a tuple of "
+            f"names (one per factor); allowed names: {', '.join(STRUCTURES)}"
+        )
+
+    if isinstance(value, dict):
+        out = {}
+        for key, entry in value.items():
+            if isinstance(key, bool) or not isinstance(key, int) or key < 1:
+                raise ValueError(
+                    f"{_OWNER}: structures={value!r}: dict keys are numbers of factors (positive "
+                    f"integers), got key {key!r}"
+                )
+            entry = check_entry(entry)
+            if isinstance(entry, tuple) and len(entry) != key:
+                raise ValueError(
+                    f"{_OWNER}: structures={value!r}: tensors with {key} factors need {key} structure "
+                    f"names, got {len(entry)}"
+                )
+            out[key] = entry
+        return out
+    return check_entry(value)
+
+
+def _structures_for(spec: Any, n_factors: int) -> tuple[str, ...]:
+    """Per-axis structure names for a tensor with ``n_factors`` factors (unlisted counts: dense)."""
+    if isinstance(spec, dict):
+        spec = spec.get(n_factors, "dense")
+    elif isinstance(spec, tuple) and len(spec) != n_factors:
+        spec = "dense"
+    if isinstance(spec, str):
+        return (spec,) * n_factors
+    return tuple(spec)
+
+
+def preconditioned_shape(
+    shape: Iterable[int], merge_dims: bool, max_dense_dim: int | None
+) -> tuple[int, ...]:
+    """The shape a gradient is preconditioned in.
+
+    Size-1 axes are dropped (a 0-d or all-ones tensor becomes a vector of length 1). With
+    ``merge_dims`` a tensor of more than two axes keeps its first axis and merges the following
+    ones from left to right while the product stays ≤ ``max_dense_dim`` (all of them when it is
+    None): a conv kernel (out, in, kh, kw) becomes (out, in·kh·kw).
+    """
+    dims = [int(d) for d in shape if d != 1] or [1]
+    if merge_dims and len(dims) > 2:
+        limit = math.inf if max_dense_dim is None else max_dense_dim
+        merged, current = [dims[0]], dims[1]
+        for d in dims[2:]:
+            if current * d <= limit:
+                current *= d
+            else:
+                merged.append(current)
+                current = d
+        merged.append(current)
+        dims = merged
+    return tuple(dims)
+
+
+@dataclass
+class _Block:
+    """Parameters that share one preconditioner: one tensor, or a layer's weight and bias."""
+
+    params: list[Tensor]
+    dims: tuple[int, ...]
+    structures: tuple[Structure, ...]
+    dtype: torch.dtype
+    hyper: tuple[Any, ...]  # the group's _PRECOND_KEYS values
+    name: str | None
+
+    @property
+    def owner(self) -> Tensor:
+        return self.params[0]
+
+    @property
+    def empty(self) -> bool:
+        return any(d == 0 for d in self.dims)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        return (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.owner.device, self.hyper)
+
+    def gradient(self) -> Tensor:
+        """The preconditioned view of the gradient (zeros for a member without one)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if len(grads) == 1:
+            return grads[0].reshape(self.dims)
+        weight, bias = grads
+        return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1)], dim=1)
+
+    def split(self, update: Tensor) -> list[Tensor]:
+        if len(self.params) == 1:
+            return [update.reshape(self.params[0].shape)]
+        weight, bias = self.params
+        w, b = update.split([update.shape[1] - 1, 1], dim=1)
+        return [w.reshape(weight.shape), b.reshape(bias.shape)]
+
+
+class SIRFShampoo(Optimizer):
+    r"""Structured inverse- and root-free Shampoo (SIRFShampoo; Lin et al., ICML 2024).
+
+    For a gradient G with axes d_1 … d_N (size-1 axes dropped; see ``merge_dims``), one factor K_n
+    (d_n × d_n, initialised to I) per axis and a Riemannian momentum m_n (initialised to 0). At
+    steps 0, T, 2T, … (T = ``update_freq``), with every right-hand side using the old factors::
+
+        H_n    = B · K_nᵀ G_(n) (⊗_{j≠n} K_j K_jᵀ / d_j) G_(n)ᵀ K_n        (G_(n): mode-n unfolding)
+        step_n = ½·[H_n + λ·(Π_{j≠n} tr(K_jᵀK_j)/d_j)·K_nᵀK_n − I]        (projected onto the structure)
+        m_n   ← α2·m_n + (1 − α2)·step_n
+        K_n   ← K_n − (β2 / max(1, ‖m_n‖_F))·K_n·m_n
+
+    and at every step, with no root, inverse or decomposition anywhere::
+
+        P = G ×_1 (K_1K_1ᵀ) ×_2 … ×_N (K_NK_Nᵀ)
+        b ← α1·b + (P + κ·µ);   µ ← µ − β1·b
+
+    ===============  ==============================  ============================================
+    symbol           argument                        meaning
+    ===============  ==============================  ============================================
+    β1               ``lr``                          learning rate
+    α1               ``momentum``                    heavy-ball momentum on the preconditioned step
+    κ                ``weight_decay``                added to the preconditioned step (not
+                                                     preconditioned), as in the reference
+    β2               ``precond_lr``                  learning rate of the factors
+    α2               ``precond_momentum``            Riemannian momentum of the factors (0: none,
+                                                     and no momentum state is kept)
+    λ                ``damping``                     damping of the Kronecker fit
+    B                ``batch_size``                  examples the loss averages over per step
+    T                ``update_freq``                 factor update every T steps
+    ===============  ==============================  ============================================
+
+    With ``structures="dense"``, ``merge_dims=False`` and ``max_dense_dim=None`` this is the
+    algorithm of the reference package ``sirfshampoo==0.0.1`` (``SIRFShampoo(model, lr,
+    beta2=precond_lr, alpha1=momentum, alpha2=precond_momentum, lam=damping, kappa=weight_decay,
+    batch_size=B, T=update_freq)``), including its rescaling of the factors inside the products.
+
+    Args:
+        params: parameters or parameter groups; every argument below except ``model`` and
+            ``share_bias`` may be set per group.
+        lr, momentum, weight_decay, precond_lr, precond_momentum, damping: see the table.
+        batch_size: B, required. {batch_help}
+        update_freq: T, a positive integer.
+        structures: structure of the factors: a name (all factors), a tuple of names (per axis,
+            for tensors with that many factors), or a dict ``{number of factors: name or tuple}``,
+            e.g. ``{2: ("dense", "diagonal")}``; tensors not covered get ``"dense"``. Names:
+            ``dense``, ``diagonal``, ``block_diagonal``, ``hierarchical``, ``tril_toeplitz``,
+            ``triu_toeplitz`` (see :mod:`hf_rootfree.optim.structures`).
+        precond_dtype: dtype of the factors, momenta and cached K Kᵀ (e.g. ``torch.bfloat16``).
+            ``None``: float32 for float32/bfloat16/float16 parameters, float64 for float64 ones.
+        max_dense_dim: an axis longer than this gets a ``large_dim_structure`` factor instead of a
+            non-diagonal one, so vocabulary-sized axes cost O(d). ``None``: no limit.
+        merge_dims: precondition tensors of more than two axes as (first axis, the rest merged
+            while ≤ ``max_dense_dim``); conv kernels become (out, in·kh·kw).
+        block_size: block size of ``block_diagonal`` factors.
+        hierarchical_sizes: (k1, k2) of ``hierarchical`` factors.
+        large_dim_structure: ``"diagonal"`` or ``"block_diagonal"``, for axes over
+            ``max_dense_dim``.
+        model: optional ``nn.Module`` the parameters belong to. It names layers in
+            :meth:`diagnostics` and, with ``share_bias``, lets a Linear/Conv layer's weight and bias
+            share one preconditioner (the bias is appended as a last column, as in
+            ``sirfshampoo``'s ``LinearWeightBias``).
+        share_bias: see ``model``; ignored without it. Both must be in groups that agree on the
+            preconditioner options.
+
+    State (all tensors, in ``self.state[p]`` of the block's first parameter): ``factor_n``,
+    ``factor_momentum_n``, ``precond_n`` (the cached, rescaled K_nK_nᵀ), ``precond_scale``,
+    ``skipped_factor_updates``; per parameter ``step`` (float64, CPU) and ``momentum_buffer``.
+    A factor update whose gradient or result is not finite is skipped (old factors kept) and
+    counted in ``skipped_factor_updates``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        precond_lr: float = 0.01,
+        precond_momentum: float = 0.5,
+        damping: float = 1e-3,
+        *,
+        batch_size: int | float | None = None,
+        update_freq: int = 1,
+        structures: str | tuple[str, ...] | dict[int, str | tuple[str, ...]] = "dense",
+        precond_dtype: torch.dtype | str | None = None,
+        max_dense_dim: int | None = 1024,
+        merge_dims: bool = True,
+        block_size: int = 64,
+        hierarchical_sizes: tuple[int, int] = (16, 16),
+        large_dim_structure: str = "diagonal",
+        model: nn.Module | None = None,
+        share_bias: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            precond_lr=precond_lr,
+            precond_momentum=precond_momentum,
+            damping=damping,
+            batch_size=batch_size,
+            update_freq=update_freq,
+            structures=structures,
+            precond_dtype=precond_dtype,
+            max_dense_dim=max_dense_dim,
+            merge_dims=merge_dims,
+            block_size=block_size,
+            hierarchical_sizes=hierarchical_sizes,
+            large_dim_structure=large_dim_structure,
+        )
+        self._normalize_group(defaults)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"{_OWNER}: model must be an nn.Module or None, got {type(model).__name__}")
+        self._model = model
+        self._share_bias = bool(share_bias)
+        self._blocks_cache: tuple[tuple[Any, ...], list[_Block]] | None = None
+        self._host_steps: dict[Tensor, int] = {}
+        super().__init__(params, defaults)
+        self._blocks()  # validates shapes and structures now rather than at the first step
+
+    # -- validation ---------------------------------------------------------------------------------
+    @staticmethod
+    def _normalize_group(group: dict[str, Any]) -> None:
+        _check_nonnegative("lr", group["lr"], _OWNER)
+        _check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
+        _check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
+        _check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
+        _check_range("precond_momentum", group["precond_momentum"], _OWNER, 0.0, 1.0)
+        _check_nonnegative("damping", group["damping"], _OWNER)
+        _check_batch_size(group["batch_size"], _OWNER)
+        _check_positive_int("update_freq", group["update_freq"])
+        _check_positive_int("max_dense_dim", group["max_dense_dim"], allow_none=True)
+        _check_positive_int("block_size", group["block_size"])
+        sizes = group["hierarchical_sizes"]
+        if not (
+            isinstance(sizes, (tuple, list))
+            and len(sizes) == 2
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes)
+        ):
+            raise ValueError(
+                f"{_OWNER}: hierarchical_sizes must be a pair of positive integers, got {sizes!r}"
+            )
+        group["hierarchical_sizes"] = tuple(sizes)
+        if group["large_dim_structure"] not in ("diagonal", "block_diagonal"):
+            raise ValueError(
+                f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
+                f"{group['large_dim_structure']!r}"
+            )
+        if not isinstance(group["merge_dims"], bool):
+            raise TypeError(f"{_OWNER}: merge_dims must be True or False, got {group['merge_dims']!r}")
+        group["structures"] = _normalize_structures(group["structures"])
+        group["precond_dtype"] = _dtype_name(group["precond_dtype"])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(
+                        f"{_OWNER} does not support complex parameters (got one of dtype {p.dtype} and "
+                        f"shape {tuple(p.shape)}); optimize torch.view_as_real(p) instead"
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(f"{_OWNER} optimizes floating-point parameters, got dtype {p.dtype}")
+            self._normalize_group(group)
+            if self._blocks_cache is not None:
+                self._blocks_cache = None
+                self._blocks()
+        except Exception:
+            self.param_groups.pop()  # a rejected group is not kept
+            self._blocks_cache = None
+            raise
+
+    # -- blocks ---------------------------------------------------------------------------------------
+    def _group_key(self) -> tuple[Any, ...]:
+        return tuple(
+            (tuple(id(p) for p in g["params"]), tuple(repr(g[k]) for k in _PRECOND_KEYS))
+            for g in self.param_groups
+        )
+
+    def _blocks(self) -> list[_Block]:
+        key = self._group_key()
+        if self._blocks_cache is not None and self._blocks_cache[0] == key:
+            return self._blocks_cache[1]
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        names = {}
+        pairs: dict[Tensor, Tensor] = {}  # weight -> bias
+        if self._model is not None:
+            names = {p: n for n, p in self._model.named_parameters()}
+            if self._share_bias:
+                pairs = self._weight_bias_pairs(group_of)
+        paired_biases = set(pairs.values())
+        blocks = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in paired_biases:
+                    continue
+                members = [p, pairs[p]] if p in pairs else [p]
+                blocks.append(self._make_block(members, group, names.get(p)))
+        self._blocks_cache = (key, blocks)
+        self._group_map = group_of
+        return blocks
+
+    def _weight_bias_pairs(self, group_of: dict[Tensor, dict[str, Any]]) -> dict[Tensor, Tensor]:
+        pairs = {}
+        conv = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        for module in self._model.modules():
+            if not isinstance(module, conv):
+                continue
+            weight, bias = module.weight, getattr(module, "bias", None)
+            if not isinstance(bias, nn.Parameter) or weight not in group_of or bias not in group_of:
+                continue
+            if weight.shape[0] != bias.numel() or weight.dim() < 2 or weight.shape[0] == 1:
+                continue
+            gw, gb = group_of[weight], group_of[bias]
+            if any(gw[k] != gb[k] for k in _PRECOND_KEYS) or weight.dtype != bias.dtype:
+                continue
+            pairs[weight] = bias
+        return pairs
+
+    def _make_block(self, members: list[Tensor], group: dict[str, Any], name: str | None) -> _Block:
+        owner = members[0]
+        if len(members) == 2:
+            dims = (owner.shape[0], owner[0].numel() + 1)
+        else:
+            dims = preconditioned_shape(owner.shape, group["merge_dims"], group["max_dense_dim"])
+        names = _structures_for(group["structures"], len(dims))
+        limit = group["max_dense_dim"]
+        structures = []
+        for d, struct in zip(dims, names):
+            if limit is not None and d > limit and struct not in ("diagonal", group["large_dim_structure"]):
+                struct = group["large_dim_structure"]
+            structures.append(
+                make_structure(
+                    struct, d, block_size=group["block_size"], hierarchical_sizes=group["hierarchical_sizes"]
+                )
+            )
+        if group["precond_dtype"] is not None:
+            dtype = _DTYPES[group["precond_dtype"]]
+        else:
+            dtype = torch.float64 if owner.dtype == torch.float64 else torch.float32
+        hyper = tuple(repr(group[k]) for k in _PRECOND_KEYS)
+        return _Block(members, dims, tuple(structures), dtype, hyper, name)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def _init_block_state(self, block: _Block) -> None:
+        state = self.state[block.owner]
+        if "factor_0" in state or block.empty:
+            return
+        device = block.owner.device
+        group = self._group_of(block.owner)
+        for n, struct in enumerate(block.structures):
+            state[f"factor_{n}"] = struct.eye(1, block.dtype, device)[0]
+            if group["precond_momentum"] != 0:
+                state[f"factor_momentum_{n}"] = struct.zeros(1, block.dtype, device)[0]
+            state[f"precond_{n}"] = struct.kkt(state[f"factor_{n}"].unsqueeze(0))[0].contiguous()
+        state["precond_scale"] = torch.ones((), dtype=torch.float32, device=device)
+        state["skipped_factor_updates"] = torch.zeros((), dtype=torch.int64, device=device)
+
+    def _group_of(self, param: Tensor) -> dict[str, Any]:
+        self._blocks()
+        return self._group_map[param]
+
+    @staticmethod
+    def _buffer_dtype(param: Tensor) -> torch.dtype:
+        return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor in the dtype it was saved in.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
+        which would turn float32 factors of bfloat16 parameters into bfloat16 (or bfloat16 factors
+        of float32 parameters into float32). This keeps the saved dtypes, moves tensors to the
+        parameter's device and keeps ``step`` a float64 CPU tensor.
+        """
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._normalize_group(group)
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._host_steps = {}
+        for pid, param in zip(saved_ids, params):
+            for key, value in saved_state[pid].items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    value = value.to(device="cpu", dtype=torch.float64, copy=True)
+                    self._host_steps[param] = int(value)
+                else:
+                    value = value.to(device=param.device, copy=True)
+                self.state[param][key] = value
+        self._blocks_cache = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_blocks_cache", None)
+        self.__dict__.setdefault("_host_steps", {})
+
+    # -- step --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step (a factor update first, when one is due).
+
+        Args:
+            closure: an optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        blocks = self._blocks()
+        # Check every gradient before touching any state: bad input must not leave a half step.
+        active = []
+        for block in blocks:
+            present = [p for p in block.params if p.grad is not None]
+            if not present:
+                continue
+            for p in present:
+                self._check_grad(p)
+            active.append(block)
+        due: dict[tuple[Any, ...], list[_Block]] = {}
+        for block in active:
+            if block.empty:
+                continue
+            self._init_block_state(block)
+            group = self._group_of(block.owner)
+            if self._host_step(block.owner) % group["update_freq"] == 0:
+                due.setdefault(block.batch_key(), []).append(block)
+        for bucket in due.values():
+            self._update_factors(bucket)
+        for block in active:
+            self._apply_update(block)
+        return loss
+
+    def _check_grad(self, p: Tensor) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{_OWNER} does not support sparse gradients (parameter of shape {tuple(p.shape)}); use "
+                "dense gradients, e.g. nn.Embedding(sparse=False)"
+            )
+        if grad.dtype != p.dtype or grad.shape != p.shape:
+            raise RuntimeError(
+                f"{_OWNER}: a gradient of dtype {grad.dtype} and shape {tuple(grad.shape)} does not match "
+                f"its parameter ({p.dtype}, {tuple(p.shape)})"
+            )
+
+    def _host_step(self, param: Tensor) -> int:
+        """The parameter's step count, mirrored on the host so that reading it never syncs."""
+        if param not in self._host_steps:
+            step = self.state[param].get("step")
+            self._host_steps[param] = 0 if step is None else int(step)
+        return self._host_steps[param]
+
+    # -- factor update (batched over blocks of one shape) ---------------------------------------------
+    def _update_factors(self, bucket: list[_Block]) -> None:
+        first = bucket[0]
+        group = self._group_of(first.owner)
+        dims, structures, dtype = first.dims, first.structures, first.dtype
+        n_axes, size = len(dims), math.prod(dims)
+        alpha2, beta2, lam = group["precond_momentum"], group["precond_lr"], group["damping"]
+        states = [self.state[b.owner] for b in bucket]
+
+        grad = torch.stack([b.gradient() for b in bucket]).to(dtype)
+        finite = _all_finite(grad)
+        factors = [torch.stack([s[f"factor_{a}"] for s in states]) for a in range(n_axes)]
+        if alpha2 != 0:
+            momenta = [torch.stack([s[f"factor_momentum_{a}"] for s in states]) for a in range(n_axes)]
+
+        # Shared terms, all from the old factors; K is rescaled by 1/sqrt(d) inside the products.
+        gk = grad * math.sqrt(group["batch_size"])
+        inners, traces = [], []
+        for a, struct in enumerate(structures):
+            scaled = factors[a] * (1.0 / math.sqrt(dims[a]))
+            gk = _mode_apply(struct, scaled, gk, a, transpose=True)
+            inner = struct.inner(scaled)  # project(KᵀK)/d
+            inners.append(inner)
+            traces.append(struct.average_trace(inner).float())  # tr(KᵀK)/d²
+        trace_stack = torch.stack(traces)  # (axes, n)
+
+        new_factors, new_momenta = [], []
+        ok = finite
+        for a, struct in enumerate(structures):
+            others = torch.cat([trace_stack[:a], trace_stack[a + 1 :]]).prod(dim=0) if n_axes > 1 else 1.0
+            coeff = (lam / 2 * size) * others
+            unfolded = gk.movedim(a + 1, 1).reshape(len(bucket), dims[a], -1)
+            step = _times(inners[a], coeff) + struct.gram(unfolded) * (dims[a] / 2)
+            struct.add_identity_(step, -0.5)
+            if alpha2 != 0:
+                momentum = (momenta[a] * alpha2 + step * (1 - alpha2)).to(dtype)
+            else:
+                momentum = step.to(dtype)
+            norm = struct.frobenius_norm(momentum).float().clamp(min=1.0)
+            factor = (factors[a] - _times(struct.matmul(factors[a], momentum), beta2 / norm)).to(dtype)
+            ok = ok & _all_finite(factor) & _all_finite(momentum)
+            new_factors.append(factor)
+            new_momenta.append(momentum)
+
+        # Reject non-finite updates per block without a host sync; then refresh the K Kᵀ cache.
+        scales = []
+        for a, struct in enumerate(structures):
+            keep = ok.reshape(-1, *([1] * (factors[a].dim() - 1)))
+            new_factors[a] = torch.where(keep, new_factors[a], factors[a])
+            if alpha2 != 0:
+                new_momenta[a] = torch.where(keep, new_momenta[a], momenta[a])
+            scale = struct.max_abs(new_factors[a]).float().sqrt().clamp(min=1.0)
+            scales.append(scale)
+            precond = struct.kkt(_times(new_factors[a], 1.0 / scale).to(dtype))
+            for i, state in enumerate(states):
+                state[f"factor_{a}"].copy_(new_factors[a][i])
+                if alpha2 != 0:
+                    state[f"factor_momentum_{a}"].copy_(new_momenta[a][i])
+                state[f"precond_{a}"].copy_(precond[i])
+        total_scale = torch.stack(scales).square().prod(dim=0)
+        skipped = (~ok).to(torch.int64)
+        for i, state in enumerate(states):
+            state["precond_scale"].copy_(total_scale[i])
+            state["skipped_factor_updates"].add_(skipped[i])
+
+    # -- preconditioning and the parameter update ---------------------------------------------------------
+    def _apply_update(self, block: _Block) -> None:
+        present = [p.grad is not None for p in block.params]
+        if block.empty:
+            updates = [torch.zeros_like(p) for p in block.params]
+        else:
+            state = self.state[block.owner]
+            update = block.gradient().to(block.dtype)
+            for a, struct in enumerate(block.structures):
+                update = struct.apply_kkt(state[f"precond_{a}"], update, a)
+            update = update * state["precond_scale"]
+            updates = block.split(update)
+        for p, update, has_grad in zip(block.params, updates, present):
+            if not has_grad:
+                continue
+            group = self._group_of(p)
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float64)
+                self._host_steps[p] = 0
+            self._host_steps[p] = self._host_step(p) + 1
+            state["step"] += 1.0  # a CPU tensor: no device sync
+            compute = self._buffer_dtype(p)
+            update = update.to(compute)
+            if group["weight_decay"] != 0:
+                update = update.add(p, alpha=group["weight_decay"])
+            if group["momentum"] != 0:
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, dtype=compute, memory_format=torch.contiguous_format
+                    )
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(update)
+                update = buffer
+            if p.dtype == compute:
+                p.add_(update, alpha=-group["lr"])
+            else:
+                p.copy_(p.to(compute).add_(update, alpha=-group["lr"]))
+
+    # -- inspection ---------------------------------------------------------------------------------------
+    def blocks(self) -> list[dict[str, Any]]:
+        """How each parameter is preconditioned: names, preconditioned shape and factor structures."""
+        return [
+            {
+                "name": b.name,
+                "shapes": [tuple(p.shape) for p in b.params],
+                "dims": b.dims,
+                "structures": [repr(s) for s in b.structures],
+                "dtype": str(b.dtype).removeprefix("torch."),
+            }
+            for b in self._blocks()
+        ]
+
+    def dense_factors(self, param: Tensor) -> list[Tensor]:
+        """The factors K_1 … K_N of the block ``param`` leads, as dense matrices (for tests, plots)."""
+        return self._dense(param, "factor")
+
+    def dense_factor_momenta(self, param: Tensor) -> list[Tensor]:
+        """The Riemannian momenta m_1 … m_N of the block ``param`` leads, as dense matrices."""
+        return self._dense(param, "factor_momentum")
+
+    def _dense(self, param: Tensor, prefix: str) -> list[Tensor]:
+        block = next(b for b in self._blocks() if b.owner is param)
+        state = self.state.get(param, {})
+        out = []
+        for a, struct in enumerate(block.structures):
+            value = state.get(f"{prefix}_{a}")
+            if value is None:
+                init = struct.eye if prefix == "factor" else struct.zeros
+                value = init(1, block.dtype, param.device)[0]
+            out.append(struct.to_dense(value.unsqueeze(0))[0])
+        return out
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Statistics for logging (reads the state, so it syncs: call it at logging steps).
+
+        ``skipped_factor_updates``: factor updates rejected as non-finite, summed over blocks;
+        ``precond_trace_mean``: mean over blocks of Π_n tr(K_nK_nᵀ)/d_n, the average scale of the
+        preconditioner (1 at the start).
+        """
+        skipped, traces = 0, []
+        for block in self._blocks():
+            state = self.state.get(block.owner, {})
+            if "precond_scale" not in state:
+                continue
+            skipped += int(state["skipped_factor_updates"])
+            value = float(state["precond_scale"])
+            for a, struct in enumerate(block.structures):
+                value *= float(_kkt_average_trace(struct, state[f"precond_{a}"].double()))
+            traces.append(value)
+        if not traces:
+            return {}
+        return {"skipped_factor_updates": float(skipped), "precond_trace_mean": sum(traces) / len(traces)}
+
+
+def _kkt_average_trace(struct: Structure, q: Tensor) -> Tensor:
+    if q.dim() == 1:  # diagonal K Kᵀ
+        return q.mean()
+    if q.dim() == 3:  # block diagonal
+        return q.diagonal(dim1=-2, dim2=-1).sum() / struct.dim
+    return q.diagonal().sum() / struct.dim
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """Per batch entry: are all values finite? (a device tensor; no sync)."""
+    return torch.isfinite(t).flatten(1).all(dim=1)
+
+
+def _times(t: Tensor, per_batch: Tensor | float) -> Tensor:
+    """Multiply each batch entry of ``t`` by its scalar."""
+    if not torch.is_tensor(per_batch):
+        return t * per_batch
+    return t * per_batch.reshape(-1, *([1] * (t.dim() - 1)))
+
+
+def _mode_apply(struct: Structure, factor: Tensor, x: Tensor, axis: int, transpose: bool) -> Tensor:
+    """Multiply a batch of factors onto axis ``axis`` of a batch of tensors (n, d_1, …, d_N)."""
+    moved = x.movedim(axis + 1, 1)
+    out = struct.apply(factor, moved.reshape(x.shape[0], x.shape[axis + 1], -1), transpose)
+    return out.reshape(moved.shape).movedim(1, axis + 1)
+
+
+SIRFShampoo.__doc__ = SIRFShampoo.__doc__.replace("{batch_help}", _BATCH_SIZE_HELP)

@@ -1,0 +1,396 @@
+"""Structured Kronecker factors for :class:`~hf_rootfree.SIRFShampoo`.
+
+A factor K (d × d) of SIRFShampoo is restricted to a *structure*: a set of matrices closed under
+multiplication, so that the multiplicative update ``K ← K − c·K·m`` never leaves it. The update
+needs only a few operations on a structured matrix, and each structure implements them on its own
+compact storage:
+
+=================  ==========================  ============================================
+structure          storage (per factor)        what it keeps
+=================  ==========================  ============================================
+``dense``          (d, d)                      everything
+``diagonal``       (d,)                        the diagonal; O(d), for vocab-sized axes
+``block_diagonal`` (⌈d/b⌉, b, b)               b × b blocks on the diagonal (the last block
+                                               is zero-padded; the padding stays zero)
+``hierarchical``   (d, d), structural zeros    [[A, B], [0, C, 0], [0, D, E]]: dense k1 × k1
+                                               top-left A and k2 × k2 bottom-right E, diagonal
+                                               middle C, dense rows B and D (SINGD's layout)
+``tril_toeplitz``  (d,)                        lower-triangular Toeplitz (its first column)
+``triu_toeplitz``  (d,)                        upper-triangular Toeplitz (its first row)
+=================  ==========================  ============================================
+
+Every operation works on a batch: storage tensors carry a leading batch axis ``n`` so that factors
+of the same shape are updated together as batched matrix products.
+
+``project(S)`` maps a symmetric matrix S onto the structure the way SINGD (Lin et al., 2023) and
+the reference ``sirfshampoo`` package do: entries outside the structure are dropped, except that an
+off-diagonal block kept only on one side of the diagonal takes the contribution of both sides
+(hierarchical B and D are ``2·S``; a triangular Toeplitz entry is the mean over both the lower and
+the upper diagonal at that offset, summed). For ``dense`` it is the identity. The momentum m of a
+structured factor lives in the same storage as the factor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["STRUCTURES", "Structure", "make_structure"]
+
+#: names accepted in ``structures=`` and ``large_dim_structure=``
+STRUCTURES = ("dense", "diagonal", "block_diagonal", "hierarchical", "tril_toeplitz", "triu_toeplitz")
+
+
+class Structure:
+    """Operations on a batch of structured d × d matrices (storage with a leading batch axis)."""
+
+    name = ""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim})"
+
+    # -- storage ----------------------------------------------------------------------------------
+    def storage_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def zeros(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.zeros((n, *self.storage_shape()), dtype=dtype, device=device)
+
+    def eye(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return self.add_identity_(self.zeros(n, dtype, device), 1.0)
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        """(n, d, d) dense matrices."""
+        raise NotImplementedError
+
+    # -- the operations of the update ------------------------------------------------------------
+    def project(self, sym: Tensor) -> Tensor:
+        """Storage of the projection of symmetric (n, d, d) matrices onto the structure."""
+        raise NotImplementedError
+
+    def gram(self, x: Tensor) -> Tensor:
+        """``project(X Xᵀ)`` for X of shape (n, d, r), without forming d × d where avoidable."""
+        return self.project(x @ x.mT)
+
+    def inner(self, t: Tensor) -> Tensor:
+        """``project(Kᵀ K)``."""
+        dense = self.to_dense(t)
+        return self.project(dense.mT @ dense)
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        """Storage of the product a·b (exact: every structure is closed under products)."""
+        raise NotImplementedError
+
+    def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        """K·X (or Kᵀ·X) for X of shape (n, d, r)."""
+        dense = self.to_dense(t)
+        return (dense.mT if transpose else dense) @ x
+
+    def average_trace(self, t: Tensor) -> Tensor:
+        """tr(K)/d, shape (n,)."""
+        return self.to_dense(t).diagonal(dim1=-2, dim2=-1).sum(-1) / self.dim
+
+    def frobenius_norm(self, t: Tensor) -> Tensor:
+        """‖K‖_F, shape (n,)."""
+        return torch.linalg.vector_norm(t.flatten(1), dim=1)
+
+    def max_abs(self, t: Tensor) -> Tensor:
+        """max |K_ij|, shape (n,)."""
+        return t.flatten(1).abs().amax(dim=1)
+
+    def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
+        """t ← t + alpha·I in place."""
+        t.diagonal(dim1=-2, dim2=-1).add_(alpha)
+        return t
+
+    # -- the cached preconditioner K Kᵀ ----------------------------------------------------------
+    def kkt(self, t: Tensor) -> Tensor:
+        """K Kᵀ in the form :meth:`apply_kkt` uses (dense (n, d, d) unless said otherwise)."""
+        dense = self.to_dense(t)
+        return dense @ dense.mT
+
+    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
+        """Multiply one ``q`` (an entry of :meth:`kkt`) onto axis ``axis`` of the tensor ``x``."""
+        if axis == x.ndim - 1:
+            return x @ q.mT
+        moved = x.movedim(axis, 0)
+        out = q @ moved.reshape(self.dim, -1)
+        return out.reshape(moved.shape).movedim(0, axis)
+
+
+class Dense(Structure):
+    name = "dense"
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (self.dim, self.dim)
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        return t
+
+    def project(self, sym: Tensor) -> Tensor:
+        return sym
+
+    def inner(self, t: Tensor) -> Tensor:
+        return t.mT @ t
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b
+
+    def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return (t.mT if transpose else t) @ x
+
+
+class Diagonal(Structure):
+    name = "diagonal"
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        return torch.diag_embed(t)
+
+    def project(self, sym: Tensor) -> Tensor:
+        return sym.diagonal(dim1=-2, dim2=-1).clone()
+
+    def gram(self, x: Tensor) -> Tensor:
+        return (x * x).sum(-1)
+
+    def inner(self, t: Tensor) -> Tensor:
+        return t * t
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a * b
+
+    def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return t.unsqueeze(-1) * x
+
+    def average_trace(self, t: Tensor) -> Tensor:
+        return t.mean(-1)
+
+    def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
+        return t.add_(alpha)
+
+    def kkt(self, t: Tensor) -> Tensor:
+        return t * t
+
+    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
+        shape = [1] * x.ndim
+        shape[axis] = self.dim
+        return x * q.reshape(shape)
+
+
+class BlockDiagonal(Structure):
+    """b × b blocks on the diagonal; a last, partial block is zero-padded to b × b."""
+
+    name = "block_diagonal"
+
+    def __init__(self, dim: int, block_size: int) -> None:
+        super().__init__(dim)
+        self.block = min(block_size, dim)
+        self.blocks = -(-dim // self.block)
+        self.pad = self.blocks * self.block - dim
+
+    def __repr__(self) -> str:
+        return f"BlockDiagonal(dim={self.dim}, block_size={self.block})"
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (self.blocks, self.block, self.block)
+
+    def _split_rows(self, x: Tensor) -> Tensor:
+        """(n, d, r) → (n, blocks, b, r), zero-padding the rows."""
+        if self.pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, self.pad))
+        return x.reshape(x.shape[0], self.blocks, self.block, x.shape[-1])
+
+    def _join_rows(self, x: Tensor) -> Tensor:
+        out = x.reshape(x.shape[0], self.blocks * self.block, x.shape[-1])
+        return out[:, : self.dim] if self.pad else out
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        dense = torch.stack([torch.block_diag(*blocks) for blocks in t.unbind(0)])
+        return dense[:, : self.dim, : self.dim]
+
+    def project(self, sym: Tensor) -> Tensor:
+        if self.pad:
+            sym = torch.nn.functional.pad(sym, (0, self.pad, 0, self.pad))
+        n = sym.shape[0]
+        tiles = sym.reshape(n, self.blocks, self.block, self.blocks, self.block)
+        return tiles.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
+
+    def gram(self, x: Tensor) -> Tensor:
+        rows = self._split_rows(x)
+        return rows @ rows.mT
+
+    def inner(self, t: Tensor) -> Tensor:
+        return t.mT @ t
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b
+
+    def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return self._join_rows((t.mT if transpose else t) @ self._split_rows(x))
+
+    def average_trace(self, t: Tensor) -> Tensor:
+        return t.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / self.dim
+
+    def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
+        diagonal = t.diagonal(dim1=-2, dim2=-1)  # (n, blocks, b); the padding must stay zero
+        if self.pad:
+            diagonal[:, :-1].add_(alpha)
+            diagonal[:, -1, : self.block - self.pad].add_(alpha)
+        else:
+            diagonal.add_(alpha)
+        return t
+
+    def kkt(self, t: Tensor) -> Tensor:
+        return t @ t.mT
+
+    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
+        moved = x.movedim(axis, 0)
+        flat = moved.reshape(1, self.dim, -1)
+        return self.apply(q.unsqueeze(0), flat).reshape(moved.shape).movedim(0, axis)
+
+
+@functools.lru_cache(maxsize=64)
+def _toeplitz_index(dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index of each (i, j) into [c_0 … c_{d−1}, 0] for a lower Toeplitz matrix, and |i − j|."""
+    i = torch.arange(dim, device=device)
+    offset = i[:, None] - i[None, :]
+    lower = torch.where(offset >= 0, offset, torch.full_like(offset, dim))
+    return lower, offset.abs()
+
+
+class TrilToeplitz(Structure):
+    """Lower-triangular Toeplitz: entry (i, j) = c_{i−j} for i ≥ j; storage c (its first column)."""
+
+    name = "tril_toeplitz"
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (self.dim,)
+
+    def _lower_dense(self, t: Tensor) -> Tensor:
+        index, _ = _toeplitz_index(self.dim, t.device)
+        padded = torch.nn.functional.pad(t, (0, 1))
+        return padded[:, index]
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        return self._lower_dense(t)
+
+    def project(self, sym: Tensor) -> Tensor:
+        # offset k: (sum of the k-th lower + k-th upper diagonal) / (d − k); k = 0: the mean diagonal
+        _, distance = _toeplitz_index(self.dim, sym.device)
+        n = sym.shape[0]
+        sums = torch.zeros(n, self.dim, dtype=sym.dtype, device=sym.device)
+        sums.scatter_add_(1, distance.reshape(1, -1).expand(n, -1), sym.reshape(n, -1))
+        length = torch.arange(self.dim, 0, -1, dtype=sym.dtype, device=sym.device)
+        return sums / length
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        # triangular Toeplitz matrices commute and are closed under products: the first column
+        # of a·b is a·(first column of b)
+        return (self._lower_dense(a) @ b.unsqueeze(-1)).squeeze(-1)
+
+    def average_trace(self, t: Tensor) -> Tensor:
+        return t[:, 0].clone()
+
+    def frobenius_norm(self, t: Tensor) -> Tensor:
+        length = torch.arange(self.dim, 0, -1, dtype=t.dtype, device=t.device)
+        return (t * t * length).sum(-1).sqrt()
+
+    def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
+        t[:, 0].add_(alpha)
+        return t
+
+
+class TriuToeplitz(TrilToeplitz):
+    """Upper-triangular Toeplitz: entry (i, j) = r_{j−i} for j ≥ i; storage r (its first row)."""
+
+    name = "triu_toeplitz"
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        return self._lower_dense(t).mT
+
+    # project, matmul (products of transposes commute), traces and norms are those of the
+    # transposed lower-triangular matrix.
+
+
+class Hierarchical(Structure):
+    """SINGD's hierarchical structure, stored densely with structural zeros::
+
+        [[A, B1, B2],      A: k1 × k1 dense, E: k2 × k2 dense, C: diagonal,
+         [0, C,  0 ],      B = [B1 B2]: k1 rows, dense,
+         [0, D,  E ]]      D: k2 × (d − k1 − k2), dense.
+
+    k1 = min(sizes[0], d) and k2 = min(sizes[1], d − k1). The products of two such matrices keep
+    the pattern, so the multiplicative factor update stays in it.
+    """
+
+    name = "hierarchical"
+
+    def __init__(self, dim: int, sizes: tuple[int, int]) -> None:
+        super().__init__(dim)
+        self.k1 = min(sizes[0], dim)
+        self.k2 = min(sizes[1], dim - self.k1)
+        self.middle = dim - self.k1 - self.k2
+
+    def __repr__(self) -> str:
+        return f"Hierarchical(dim={self.dim}, k1={self.k1}, k2={self.k2})"
+
+    def storage_shape(self) -> tuple[int, ...]:
+        return (self.dim, self.dim)
+
+    @functools.cached_property
+    def _weights(self) -> Tensor:
+        """Projection weights: 1 on A, diag(C), E; 2 on B and D (both sides of the diagonal)."""
+        k1, mid = self.k1, slice(self.k1, self.k1 + self.middle)
+        tail = slice(self.k1 + self.middle, self.dim)
+        w = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        w[:k1, :k1] = 1.0
+        w[:k1, k1:] = 2.0
+        middle = torch.arange(self.k1, self.k1 + self.middle)
+        w[middle, middle] = 1.0
+        w[tail, mid] = 2.0
+        w[tail, tail] = 1.0
+        return w
+
+    def _weights_like(self, t: Tensor) -> Tensor:
+        return _cast_cached(self._weights, t.dtype, t.device)
+
+    def to_dense(self, t: Tensor) -> Tensor:
+        return t
+
+    def project(self, sym: Tensor) -> Tensor:
+        return sym * self._weights_like(sym)
+
+    def matmul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b  # closed under products: the structural zeros stay exactly zero
+
+    def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return (t.mT if transpose else t) @ x
+
+
+@functools.lru_cache(maxsize=64)
+def _cast_cached(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return t.to(dtype=dtype, device=device)
+
+
+def make_structure(name: str, dim: int, *, block_size: int = 64, hierarchical_sizes=(16, 16)) -> Structure:
+    """Build the structure ``name`` for a d × d factor (``name`` from :data:`STRUCTURES`)."""
+    if name == "dense":
+        return Dense(dim)
+    if name == "diagonal":
+        return Diagonal(dim)
+    if name == "block_diagonal":
+        return BlockDiagonal(dim, block_size)
+    if name == "hierarchical":
+        return Hierarchical(dim, tuple(hierarchical_sizes))
+    if name == "tril_toeplitz":
+        return TrilToeplitz(dim)
+    if name == "triu_toeplitz":
+        return TriuToeplitz(dim)
+    raise ValueError(f"unknown factor structure {name!r}; choose from {', '.join(STRUCTURES)}")
