@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 
 __all__ = ["OPTIMIZERS", "optimizer_cls_and_kwargs", "parse_optim_args"]
 
@@ -61,6 +61,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         # AdaX's β2 is a different quantity (1e-4), so adam_beta2 is deliberately not mapped.
         OptimizerSpec("adax", AdaX, lambda args: {"lr": args.learning_rate}),
         OptimizerSpec("rootfree_adax", RootFreeAdaX, _lr_and_batch),
+        # The model (when the Trainer has one) lets a layer's weight and bias share a factor.
+        OptimizerSpec("sirfshampoo", SIRFShampoo, _lr_and_batch),
     )
 }
 
@@ -162,7 +164,7 @@ def optim_args_schema(cls: type) -> dict[str, Any]:
     schema = {}
     for name, parameter in inspect.signature(cls.__init__).parameters.items():
         variadic = parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
-        if variadic or name in ("self", "params", *_TRAINING_ARGS_KEYS):
+        if variadic or name in ("self", "params", "model", "trainer_model", *_TRAINING_ARGS_KEYS):
             continue
         schema[name] = hints.get(name, str)
     return schema
@@ -228,4 +230,7 @@ def optimizer_cls_and_kwargs(
     spec = OPTIMIZERS[key]
     kwargs = spec.from_training_args(args)
     kwargs.update(parse_optim_args(key, getattr(args, "optim_args", None)))
+    if model is not None and "trainer_model" in inspect.signature(spec.cls.__init__).parameters:
+        # not "model": the Trainer takes a "model" kwarg to be the parameters (its LOMO convention)
+        kwargs["trainer_model"] = model
     return spec.cls, kwargs

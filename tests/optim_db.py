@@ -15,15 +15,16 @@ from typing import Any
 import oracle
 import torch
 
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 
 #: the --optim names and the classes they must build (spelled out, not read from the registry)
-NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax"]
+NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax", "sirfshampoo"]
 CLASSES = {
     "rootfree_adamw": RootFreeAdamW,
     "rootfree_rmsprop": RootFreeRMSprop,
     "adax": AdaX,
     "rootfree_adax": RootFreeAdaX,
+    "sirfshampoo": SIRFShampoo,
 }
 
 #: the three implementations of one update, selected by constructor flags

@@ -37,6 +37,22 @@ VALID_KEYS = {
     "rootfree_rmsprop": ["alpha", "batch_size", "damping", "foreach", "fused", "momentum", "state_dtype"],
     "adax": ["betas", "eps", "foreach", "fused", "state_dtype"],
     "rootfree_adax": ["batch_size", "betas", "damping", "foreach", "fused", "prior_steps", "state_dtype"],
+    "sirfshampoo": [
+        "batch_size",
+        "block_size",
+        "damping",
+        "hierarchical_sizes",
+        "large_dim_structure",
+        "max_dense_dim",
+        "merge_dims",
+        "momentum",
+        "precond_dtype",
+        "precond_lr",
+        "precond_momentum",
+        "share_bias",
+        "structures",
+        "update_freq",
+    ],
 }
 
 
@@ -146,6 +162,10 @@ def test_every_optim_args_key_builds_the_optimizer(name):
         "adax": "betas=(0.8,1e-3),eps=1e-8,state_dtype=float64,foreach=none,fused=false",
         "rootfree_adax": "betas=(0.8,1e-3),damping=1e-3,prior_steps=2,batch_size=16,state_dtype=float64,"
         "foreach=false,fused=none",
+        "sirfshampoo": "momentum=0.5,precond_lr=0.05,precond_momentum=0,damping=1e-4,batch_size=16,"
+        "update_freq=3,structures=(dense,block_diagonal),precond_dtype=bfloat16,max_dense_dim=none,"
+        "merge_dims=false,block_size=8,hierarchical_sizes=(2,2),large_dim_structure=block_diagonal,"
+        "share_bias=false",
     }[name]
     parsed = parse_optim_args(name, text)
     assert sorted(parsed) == VALID_KEYS[name]

@@ -37,17 +37,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "train_unmodified.py"
 
 #: names whose optimizer takes batch_size (B); AdaX does not
-WITH_BATCH_SIZE = {"rootfree_adamw", "rootfree_rmsprop", "rootfree_adax"}
+WITH_BATCH_SIZE = {"rootfree_adamw", "rootfree_rmsprop", "rootfree_adax", "sirfshampoo"}
 #: learning rates under which the tiny models learn within a few dozen steps. The root-free
 #: methods start SGD-like (s0 = 1, step ≈ η·g) with the small gradients of BERT/GPT-2's 0.02-std
 #: initialization, so they need larger η than AdaX; RootFreeRMSprop's heavy ball sums (≈ 10×).
-LR = {"rootfree_adamw": 0.3, "rootfree_rmsprop": 0.03, "adax": 0.01, "rootfree_adax": 0.1}
+LR = {
+    "rootfree_adamw": 0.3,
+    "rootfree_rmsprop": 0.03,
+    "adax": 0.01,
+    "rootfree_adax": 0.1,
+    "sirfshampoo": 0.03,
+}
 #: a valid --optim_args string per name
 OPTIM_ARGS = {
     "rootfree_adamw": "damping=1e-3,betas=(0.8,0.99),bias_correction=false",
     "rootfree_rmsprop": "alpha=0.95,momentum=0.5,damping=1e-3",
     "adax": "eps=1e-10,betas=(0.8,1e-3)",
     "rootfree_adax": "prior_steps=2,damping=1e-3,state_dtype=float32",
+    "sirfshampoo": "damping=1e-4,precond_lr=0.05,update_freq=2,structures=(dense,diagonal)",
 }
 VOCAB = 64
 
@@ -443,7 +450,8 @@ def test_trains_with_clipping_warmup_linear_schedule_accumulation_and_bf16(tmp_p
     assert all(p.dtype == param_dtype for p in trainer.model.parameters())
     for state in optimizer.state.values():
         for key, value in state.items():
-            assert value.dtype == (torch.float64 if key == "step" else torch.float32), (key, value.dtype)
+            expected = {"step": torch.float64, "skipped_factor_updates": torch.int64}.get(key, torch.float32)
+            assert value.dtype == expected, (key, value.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,8 +672,13 @@ def test_accelerate_launch_runs_unmodified_script_through_launcher(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+#: the statistics each optimizer's diagnostics() reports (all positive and finite in this run)
+DIAGNOSTICS = {name: ("s_mean", "precond_mean") for name in NAMES}
+DIAGNOSTICS["sirfshampoo"] = ("precond_trace_mean",)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_diagnostics_callback_adds_s_mean_and_precond_mean_to_logged_losses(tmp_path, name):
+def test_diagnostics_callback_adds_optimizer_statistics_to_logged_losses(tmp_path, name):
     trainer = make_trainer("gpt2", tmp_path, optim=name, learning_rate=LR[name], max_steps=6, logging_steps=2)
     callback = RootFreeDiagnosticsCallback.attach(trainer)
     assert trainer.callback_handler.callbacks[0] is callback
@@ -674,9 +687,12 @@ def test_diagnostics_callback_adds_s_mean_and_precond_mean_to_logged_losses(tmp_
     entries = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in entries] == [2, 4, 6]
     for entry in entries:
-        assert math.isfinite(entry["optim/s_mean"]) and entry["optim/s_mean"] > 0, entry
-        assert math.isfinite(entry["optim/precond_mean"]) and entry["optim/precond_mean"] > 0, entry
-    assert entries[-1]["optim/s_mean"] == base_optimizer(trainer.optimizer).diagnostics()["s_mean"]
+        for key in DIAGNOSTICS[name]:
+            assert math.isfinite(entry[f"optim/{key}"]) and entry[f"optim/{key}"] > 0, entry
+    key = DIAGNOSTICS[name][0]
+    assert entries[-1][f"optim/{key}"] == base_optimizer(trainer.optimizer).diagnostics()[key]
+    if name == "sirfshampoo":
+        assert entries[-1]["optim/skipped_factor_updates"] == 0
 
 
 # ---------------------------------------------------------------------------------------------

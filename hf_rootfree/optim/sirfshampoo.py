@@ -48,6 +48,7 @@ _PRECOND_KEYS = (
     "block_size",
     "hierarchical_sizes",
     "large_dim_structure",
+    "share_bias",
 )
 
 _DTYPES = {
@@ -58,8 +59,8 @@ _DTYPES = {
 }
 
 
-def _dtype_name(value: Any) -> str | None:
-    """Normalize ``precond_dtype`` to a plain string (param groups hold plain values only)."""
+def _precond_dtype(value: Any) -> torch.dtype | None:
+    """Normalize ``precond_dtype`` (a dtype or its name) to a torch.dtype."""
     if value is None:
         return None
     if isinstance(value, torch.dtype):
@@ -73,7 +74,7 @@ def _dtype_name(value: Any) -> str | None:
             f"{_OWNER}: precond_dtype must be None or one of torch.float32, torch.bfloat16, "
             f"torch.float16, torch.float64 (or their names), got {value!r}"
         )
-    return name
+    return _DTYPES[name]
 
 
 def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
@@ -237,7 +238,7 @@ class SIRFShampoo(Optimizer):
 
     Args:
         params: parameters or parameter groups; every argument below except ``model`` and
-            ``share_bias`` may be set per group.
+            ``trainer_model`` may be set per group.
         lr, momentum, weight_decay, precond_lr, precond_momentum, damping: see the table.
         batch_size: B, required. {batch_help}
         update_freq: T, a positive integer.
@@ -260,8 +261,11 @@ class SIRFShampoo(Optimizer):
             :meth:`diagnostics` and, with ``share_bias``, lets a Linear/Conv layer's weight and bias
             share one preconditioner (the bias is appended as a last column, as in
             ``sirfshampoo``'s ``LinearWeightBias``).
-        share_bias: see ``model``; ignored without it. Both must be in groups that agree on the
-            preconditioner options.
+        share_bias: see ``model``; ignored without it. The weight's and the bias's groups must
+            both allow it and agree on every preconditioner option (they may differ in ``lr``,
+            ``momentum`` and ``weight_decay``, which act after preconditioning).
+        trainer_model: the same as ``model``, under the name the Trainer integration passes it
+            (the Trainer takes a ``model`` keyword argument for the parameters themselves).
 
     State (all tensors, in ``self.state[p]`` of the block's first parameter): ``factor_n``,
     ``factor_momentum_n``, ``precond_n`` (the cached, rescaled K_nK_nᵀ), ``precond_scale``,
@@ -282,7 +286,7 @@ class SIRFShampoo(Optimizer):
         *,
         batch_size: int | float | None = None,
         update_freq: int = 1,
-        structures: str | tuple[str, ...] | dict[int, str | tuple[str, ...]] = "dense",
+        structures: tuple[str, ...] | str | dict[int, str | tuple[str, ...]] = "dense",
         precond_dtype: torch.dtype | str | None = None,
         max_dense_dim: int | None = 1024,
         merge_dims: bool = True,
@@ -291,6 +295,7 @@ class SIRFShampoo(Optimizer):
         large_dim_structure: str = "diagonal",
         model: nn.Module | None = None,
         share_bias: bool = True,
+        trainer_model: nn.Module | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -308,12 +313,14 @@ class SIRFShampoo(Optimizer):
             block_size=block_size,
             hierarchical_sizes=hierarchical_sizes,
             large_dim_structure=large_dim_structure,
+            share_bias=share_bias,
         )
         self._normalize_group(defaults)
+        if model is None:
+            model = trainer_model
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"{_OWNER}: model must be an nn.Module or None, got {type(model).__name__}")
         self._model = model
-        self._share_bias = bool(share_bias)
         self._blocks_cache: tuple[tuple[Any, ...], list[_Block]] | None = None
         self._host_steps: dict[Tensor, int] = {}
         super().__init__(params, defaults)
@@ -347,10 +354,11 @@ class SIRFShampoo(Optimizer):
                 f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
                 f"{group['large_dim_structure']!r}"
             )
-        if not isinstance(group["merge_dims"], bool):
-            raise TypeError(f"{_OWNER}: merge_dims must be True or False, got {group['merge_dims']!r}")
+        for flag in ("merge_dims", "share_bias"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
         group["structures"] = _normalize_structures(group["structures"])
-        group["precond_dtype"] = _dtype_name(group["precond_dtype"])
+        group["precond_dtype"] = _precond_dtype(group["precond_dtype"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -389,8 +397,7 @@ class SIRFShampoo(Optimizer):
         pairs: dict[Tensor, Tensor] = {}  # weight -> bias
         if self._model is not None:
             names = {p: n for n, p in self._model.named_parameters()}
-            if self._share_bias:
-                pairs = self._weight_bias_pairs(group_of)
+            pairs = self._weight_bias_pairs(group_of)
         paired_biases = set(pairs.values())
         blocks = []
         for group in self.param_groups:
@@ -415,6 +422,8 @@ class SIRFShampoo(Optimizer):
             if weight.shape[0] != bias.numel() or weight.dim() < 2 or weight.shape[0] == 1:
                 continue
             gw, gb = group_of[weight], group_of[bias]
+            if not (gw["share_bias"] and gb["share_bias"]):
+                continue
             if any(gw[k] != gb[k] for k in _PRECOND_KEYS) or weight.dtype != bias.dtype:
                 continue
             pairs[weight] = bias
@@ -438,7 +447,7 @@ class SIRFShampoo(Optimizer):
                 )
             )
         if group["precond_dtype"] is not None:
-            dtype = _DTYPES[group["precond_dtype"]]
+            dtype = group["precond_dtype"]
         else:
             dtype = torch.float64 if owner.dtype == torch.float64 else torch.float32
         hyper = tuple(repr(group[k]) for k in _PRECOND_KEYS)
