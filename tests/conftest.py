@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network (DESIGN §7).
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -26,3 +27,13 @@ def _build_fused_kernel_once() -> None:
     from hf_rootfree.optim import _fused
 
     _fused.fused_kernel_available()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """Run tests on one intra-op thread: their tensors are tiny, and on a busy 2-core machine
+    OpenMP's thread hand-off made small matmuls up to 1000× slower than doing them inline."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

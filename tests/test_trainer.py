@@ -65,16 +65,6 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and one thread keeps the runtime steady on a busy
-    2-core machine (OpenMP threads that spin while another process holds the cores are slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Tiny models, generated data, arguments
 # ---------------------------------------------------------------------------------------------

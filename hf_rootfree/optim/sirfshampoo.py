@@ -465,7 +465,7 @@ class SIRFShampoo(Optimizer):
             if group["precond_momentum"] != 0:
                 state[f"factor_momentum_{n}"] = struct.zeros(1, block.dtype, device)[0]
             state[f"precond_{n}"] = struct.kkt(state[f"factor_{n}"].unsqueeze(0))[0].contiguous()
-        state["precond_scale"] = torch.ones((), dtype=torch.float32, device=device)
+        state["precond_scale"] = torch.ones((), dtype=_scalar_dtype(block.dtype), device=device)
         state["skipped_factor_updates"] = torch.zeros((), dtype=torch.int64, device=device)
 
     def _group_of(self, param: Tensor) -> dict[str, Any]:
@@ -572,6 +572,7 @@ class SIRFShampoo(Optimizer):
         n_axes, size = len(dims), math.prod(dims)
         alpha2, beta2, lam = group["precond_momentum"], group["precond_lr"], group["damping"]
         states = [self.state[b.owner] for b in bucket]
+        scalar = _scalar_dtype(dtype)  # scalars of bf16/fp16 factors are kept in float32
 
         grad = torch.stack([b.gradient() for b in bucket]).to(dtype)
         finite = _all_finite(grad)
@@ -587,7 +588,7 @@ class SIRFShampoo(Optimizer):
             gk = _mode_apply(struct, scaled, gk, a, transpose=True)
             inner = struct.inner(scaled)  # project(KᵀK)/d
             inners.append(inner)
-            traces.append(struct.average_trace(inner).float())  # tr(KᵀK)/d²
+            traces.append(struct.average_trace(inner).to(scalar))  # tr(KᵀK)/d²
         trace_stack = torch.stack(traces)  # (axes, n)
 
         new_factors, new_momenta = [], []
@@ -602,7 +603,7 @@ class SIRFShampoo(Optimizer):
                 momentum = (momenta[a] * alpha2 + step * (1 - alpha2)).to(dtype)
             else:
                 momentum = step.to(dtype)
-            norm = struct.frobenius_norm(momentum).float().clamp(min=1.0)
+            norm = struct.frobenius_norm(momentum).to(scalar).clamp(min=1.0)
             factor = (factors[a] - _times(struct.matmul(factors[a], momentum), beta2 / norm)).to(dtype)
             ok = ok & _all_finite(factor) & _all_finite(momentum)
             new_factors.append(factor)
@@ -615,7 +616,7 @@ class SIRFShampoo(Optimizer):
             new_factors[a] = torch.where(keep, new_factors[a], factors[a])
             if alpha2 != 0:
                 new_momenta[a] = torch.where(keep, new_momenta[a], momenta[a])
-            scale = struct.max_abs(new_factors[a]).float().sqrt().clamp(min=1.0)
+            scale = struct.max_abs(new_factors[a]).to(scalar).sqrt().clamp(min=1.0)
             scales.append(scale)
             precond = struct.kkt(_times(new_factors[a], 1.0 / scale).to(dtype))
             for i, state in enumerate(states):
@@ -731,6 +732,10 @@ def _kkt_average_trace(struct: Structure, q: Tensor) -> Tensor:
     if q.dim() == 3:  # block diagonal
         return q.diagonal(dim1=-2, dim2=-1).sum() / struct.dim
     return q.diagonal().sum() / struct.dim
+
+
+def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _all_finite(t: Tensor) -> Tensor:
