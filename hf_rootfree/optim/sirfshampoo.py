@@ -640,7 +640,7 @@ class SIRFShampoo(Optimizer):
             update = block.gradient().to(block.dtype)
             for a, struct in enumerate(block.structures):
                 update = struct.apply_kkt(state[f"precond_{a}"], update, a)
-            update = update * state["precond_scale"]
+            update.mul_(state["precond_scale"])  # a fresh tensor: the products above made it
             updates = block.split(update)
         for p, update, has_grad in zip(block.params, updates, present):
             if not has_grad:
@@ -655,7 +655,7 @@ class SIRFShampoo(Optimizer):
             compute = self._buffer_dtype(p)
             update = update.to(compute)
             if group["weight_decay"] != 0:
-                update = update.add(p, alpha=group["weight_decay"])
+                update.add_(p, alpha=group["weight_decay"])
             if group["momentum"] != 0:
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
