@@ -1,0 +1,231 @@
+"""What the three recipes share: metrics that work offline, the run record, and the model card.
+
+Each recipe (``image_classification.py``, ``text_classification.py``, ``causal_lm.py``) is a
+readable ``Trainer`` script with a ``run(argv) -> dict`` function that ``compare.py`` calls in
+process, and a ``main()`` for the command line. ``run`` returns (and writes to
+``<output_dir>/run_result.json``) the record built by :func:`run_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RECIPES_DIR = Path(__file__).resolve().parent
+REPO_ROOT = RECIPES_DIR.parent
+LOCAL_METRICS = RECIPES_DIR / "metrics"
+CARD_TEMPLATE = REPO_ROOT / "model_cards" / "template.md"
+
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: find hf_rootfree
+    sys.path.insert(0, str(REPO_ROOT))
+
+import hf_rootfree  # noqa: E402  (registers the --optim names before any TrainingArguments)
+
+__all__ = [
+    "CardTrainer",
+    "command_line",
+    "hf_rootfree",
+    "load_metric",
+    "model_card",
+    "offline",
+    "run_record",
+    "write_run_record",
+]
+
+
+def offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted (``HF_HUB_OFFLINE`` and friends)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(v, "") for v in ("HF_EVALUATE_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def load_metric(name: str) -> Any:
+    """``evaluate.load(name)``, or the bundled module ``recipes/metrics/<name>`` when offline.
+
+    ``evaluate`` fetches metric scripts from the Hub; the bundled modules compute the same
+    numbers for the metrics the recipes use (accuracy, f1), so the recipes run with no network.
+    """
+    import evaluate
+
+    local = LOCAL_METRICS / name
+    if local.is_dir() and offline():
+        return evaluate.load(str(local))
+    try:
+        return evaluate.load(name)
+    except Exception:  # the Hub is unreachable or the script failed to download
+        if local.is_dir():
+            return evaluate.load(str(local))
+        raise
+
+
+def command_line(argv: Sequence[str], script: str) -> str:
+    """The shell command that reruns this recipe with these arguments."""
+    return " ".join(["python", f"recipes/{script}", *(shlex.quote(a) for a in argv)])
+
+
+def run_record(
+    trainer: Any,
+    *,
+    task: str,
+    model_name: str,
+    dataset_name: str,
+    metric_name: str,
+    eval_metrics: dict[str, float],
+    command: str,
+    pretrained: str | None = None,
+) -> dict[str, Any]:
+    """What a run did and reached: the input of ``compare.py``'s tables, plots and model cards."""
+    from hf_rootfree.registry import OPTIMIZERS
+
+    args = trainer.args
+    optim = str(getattr(args.optim, "value", args.optim))
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the real one
+        optimizer = optimizer.optimizer
+    hyper = {}
+    if optimizer is not None:
+        hyper = {k: _plain(v) for k, v in optimizer.defaults.items() if k not in ("params",)}
+    return {
+        "task": task,
+        "model": model_name,
+        "pretrained": pretrained,
+        "dataset": dataset_name,
+        "metric": metric_name,
+        "optim": optim,
+        "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+        "hf_rootfree": optim in OPTIMIZERS,
+        "optim_args": args.optim_args,
+        "hyperparameters": hyper,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "max_steps": trainer.state.max_steps,
+        "global_batch_size": hf_rootfree.registry.global_batch_size(args),
+        "eval_metrics": {k: float(v) for k, v in eval_metrics.items()},
+        "log_history": trainer.state.log_history,
+        "train_runtime": next(
+            (e["train_runtime"] for e in reversed(trainer.state.log_history) if "train_runtime" in e), None
+        ),
+        "output_dir": str(args.output_dir),
+        "command": command,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def write_run_record(record: dict[str, Any]) -> Path:
+    path = Path(record["output_dir"]) / "run_result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------
+
+_TASK_TYPES = {
+    "image-classification": "image-classification",
+    "text-classification": "text-classification",
+    "causal-lm": "text-generation",
+}
+
+
+def model_card(
+    record: dict[str, Any],
+    *,
+    comparison: list[dict[str, Any]] | None = None,
+    plots: Sequence[str] = (),
+    reproduce: str | None = None,
+) -> Any:
+    """Render ``model_cards/template.md`` for one run with ``huggingface_hub.ModelCard``.
+
+    ``comparison`` holds rows ``{"optim", "metric_mean", "metric_std", "loss_mean", "seeds"}`` of
+    the same task (from ``compare.py``); ``plots`` are file names next to the card; ``reproduce``
+    is the command to rerun (defaults to the run's own command). Hub tokens never enter a card.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metric = record["metric"]
+    value = record["eval_metrics"].get(f"eval_{metric}")
+    eval_results = []
+    if value is not None and math.isfinite(value):
+        eval_results.append(
+            EvalResult(
+                task_type=_TASK_TYPES.get(record["task"], record["task"]),
+                dataset_type=record["dataset"],
+                dataset_name=record["dataset"],
+                dataset_split="validation",
+                metric_type=metric,
+                metric_name=metric,
+                metric_value=round(float(value), 6),
+                source_name="hf_rootfree recipes",
+            )
+        )
+    name = Path(record["output_dir"]).name
+    data = ModelCardData(
+        model_name=name,
+        base_model=record.get("pretrained") or None,
+        datasets=None,
+        eval_results=eval_results or None,
+        library_name="transformers",
+        pipeline_tag=_TASK_TYPES.get(record["task"]),
+        tags=["hf_rootfree", f"optimizer:{record['optim']}", record["task"]],
+        metrics=[metric],
+        license="apache-2.0",
+    )
+    hyper_rows = sorted((k, json.dumps(v)) for k, v in record["hyperparameters"].items())
+    return ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        name=name,
+        record=record,
+        hyperparameters=hyper_rows,
+        comparison=comparison or [],
+        plots=list(plots),
+        reproduce=reproduce or record["command"],
+        hf_rootfree_version=hf_rootfree.__version__,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A Trainer whose model card is ours
+# ---------------------------------------------------------------------------------------------
+
+from transformers import Trainer  # noqa: E402
+
+
+class CardTrainer(Trainer):
+    """The stock ``Trainer``, except that its model card is ``model_cards/template.md``.
+
+    Set ``trainer.card_record`` (from :func:`run_record`) after evaluation; ``create_model_card``
+    (called by ``push_to_hub``, so ``--push_to_hub`` uploads our card) then writes
+    ``<output_dir>/README.md`` from it. Without a record it falls back to the stock card.
+    """
+
+    card_record: dict[str, Any] | None = None
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        if self.card_record is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            path = Path(self.args.output_dir) / "README.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model_card(self.card_record).save(str(path))
+        return None
