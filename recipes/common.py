@@ -8,6 +8,7 @@ process, and a ``main()`` for the command line. ``run`` returns (and writes to
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "model_card",
     "offline",
     "run_record",
+    "search_learning_rate",
     "write_run_record",
 ]
 
@@ -210,6 +212,34 @@ def model_card(
 
 from transformers import Trainer  # noqa: E402
 
+#: set by :func:`search_learning_rate` while a recipe runs in learning-rate-search mode
+_LR_SEARCH: dict[str, Any] | None = None
+
+
+class _SearchFinished(Exception):
+    def __init__(self, learning_rate: float) -> None:
+        super().__init__(learning_rate)
+        self.learning_rate = learning_rate
+
+
+def search_learning_rate(run: Any, argv: Sequence[str], *, n_trials: int, maximize: bool) -> float:
+    """Search the learning rate of a recipe with ``Trainer.hyperparameter_search`` (optuna).
+
+    Runs ``run(argv)`` with :class:`CardTrainer` in search mode: instead of training once, its
+    ``train()`` runs ``n_trials`` trials with learning rates log-uniform in [lr/10, 10·lr] around
+    the ``--learning_rate`` in ``argv`` (the model is re-created from its initial weights for each
+    trial), objective: the eval metric (``maximize``) or the eval loss. Returns the best rate.
+    """
+    global _LR_SEARCH
+    _LR_SEARCH = {"n_trials": n_trials, "direction": "maximize" if maximize else "minimize"}
+    try:
+        run(list(argv))
+    except _SearchFinished as done:
+        return done.learning_rate
+    finally:
+        _LR_SEARCH = None
+    raise RuntimeError("the recipe finished without training, so no learning-rate search ran")
+
 
 class CardTrainer(Trainer):
     """The stock ``Trainer``, except that its model card is ``model_cards/template.md``.
@@ -217,9 +247,30 @@ class CardTrainer(Trainer):
     Set ``trainer.card_record`` (from :func:`run_record`) after evaluation; ``create_model_card``
     (called by ``push_to_hub``, so ``--push_to_hub`` uploads our card) then writes
     ``<output_dir>/README.md`` from it. Without a record it falls back to the stock card.
+    Under :func:`search_learning_rate`, ``train()`` runs the search instead.
     """
 
     card_record: dict[str, Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _LR_SEARCH is not None and self.model_init is None:
+            initial = copy.deepcopy(self.model).cpu()
+            self.model_init = lambda trial=None: copy.deepcopy(initial)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if _LR_SEARCH is None or kwargs.get("trial") is not None:
+            return super().train(*args, **kwargs)
+        center = self.args.learning_rate
+        best = self.hyperparameter_search(
+            hp_space=lambda trial: {
+                "learning_rate": trial.suggest_float("learning_rate", center / 10, center * 10, log=True)
+            },
+            n_trials=_LR_SEARCH["n_trials"],
+            direction=_LR_SEARCH["direction"],
+            backend="optuna",
+        )
+        raise _SearchFinished(float(best.hyperparameters["learning_rate"]))
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         if self.card_record is None:
