@@ -239,20 +239,22 @@ def test_weight_and_bias_in_different_groups_share_when_only_lr_or_decay_differ(
 # ---------------------------------------------------------------------------------------------
 
 
-def _digits_run(precond_dtype: torch.dtype, steps: int) -> tuple[float, float, SIRFShampoo]:
-    """Train an MLP on scikit-learn's digits (first 1400 images); return held-out loss and accuracy."""
+def _digits_run(precond_dtype: torch.dtype, steps: int, seed: int = 1) -> tuple[float, float, SIRFShampoo]:
+    """An MLP on scikit-learn's digits; returns the final loss on the training images, the
+    accuracy on held-out ones and the optimizer. Weight decay and a linear decay to zero make the
+    end point well defined (three batch orders end within ±1.5% of each other)."""
     datasets = pytest.importorskip("sklearn.datasets")
     data = datasets.load_digits()
     inputs = torch.tensor(data.data, dtype=torch.float32) / 16.0
     labels = torch.tensor(data.target)
     train_x, train_y, test_x, test_y = inputs[:1400], labels[:1400], inputs[1400:], labels[1400:]
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 32), nn.GELU(), nn.Linear(32, 10))
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10))
     optimizer = SIRFShampoo(
         model.parameters(),
         lr=0.01,
         momentum=0.9,
-        weight_decay=0.01,
+        weight_decay=0.1,
         precond_lr=0.05,
         damping=0.01,
         batch_size=64,
@@ -261,7 +263,7 @@ def _digits_run(precond_dtype: torch.dtype, steps: int) -> tuple[float, float, S
         model=model,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         index = torch.randint(0, len(train_y), (64,), generator=gen)
         optimizer.zero_grad()
@@ -271,9 +273,9 @@ def _digits_run(precond_dtype: torch.dtype, steps: int) -> tuple[float, float, S
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        logits = model(test_x)
-    accuracy = (logits.argmax(1) == test_y).float().mean().item()
-    return nn.functional.cross_entropy(logits, test_y).item(), accuracy, optimizer
+        train_loss = nn.functional.cross_entropy(model(train_x), train_y).item()
+        accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
+    return train_loss, accuracy, optimizer
 
 
 def test_bfloat16_factors_train_2000_steps_finite_and_within_5_percent_of_float32():
@@ -286,6 +288,6 @@ def test_bfloat16_factors_train_2000_steps_finite_and_within_5_percent_of_float3
             assert torch.isfinite(value.float()).all(), key
     assert optimizer.diagnostics()["skipped_factor_updates"] == 0
     assert bf16_accuracy > 0.9  # it learned (10 classes)
-    # held-out loss within 5% of the float32-factor run (measured: 0.2967 vs 0.2968; two float32
-    # runs that differ only in the batch order differ by ~6%)
+    # measured: 0.0301 against 0.0300 (+0.4%); rounding K to bfloat16 without carrying the
+    # rounding error (factor_residual_n) ended 9–11% higher, over three batch orders
     assert abs(bf16_loss - fp32_loss) <= 0.05 * fp32_loss, (bf16_loss, fp32_loss)

@@ -108,11 +108,21 @@ class Structure:
         t.diagonal(dim1=-2, dim2=-1).add_(alpha)
         return t
 
+    def apply_axis(self, t: Tensor, x: Tensor, axis: int, transpose: bool = False) -> Tensor:
+        """Multiply one K (or Kᵀ), unbatched storage, onto axis ``axis`` of the tensor ``x``."""
+        moved = x.movedim(axis, 0)
+        out = self.apply(t.unsqueeze(0), moved.reshape(1, self.dim, -1), transpose)
+        return out.reshape(moved.shape).movedim(0, axis)
+
     # -- the cached preconditioner K Kᵀ ----------------------------------------------------------
     def kkt(self, t: Tensor) -> Tensor:
         """K Kᵀ in the form :meth:`apply_kkt` uses (dense (n, d, d) unless said otherwise)."""
         dense = self.to_dense(t)
         return dense @ dense.mT
+
+    def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        """A batch of :meth:`kkt` results (n, …) times X (n, d, r); K Kᵀ is symmetric."""
+        return q @ x
 
     def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
         """Multiply one ``q`` (an entry of :meth:`kkt`) onto axis ``axis`` of the tensor ``x``."""
@@ -177,6 +187,9 @@ class Diagonal(Structure):
 
     def kkt(self, t: Tensor) -> Tensor:
         return t * t
+
+    def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return q.unsqueeze(-1) * x
 
     def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
         shape = [1] * x.ndim
@@ -249,6 +262,9 @@ class BlockDiagonal(Structure):
 
     def kkt(self, t: Tensor) -> Tensor:
         return t @ t.mT
+
+    def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
+        return self.apply(q, x)
 
     def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
         moved = x.movedim(axis, 0)
