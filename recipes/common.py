@@ -35,6 +35,7 @@ __all__ = [
     "load_metric",
     "model_card",
     "offline",
+    "redact",
     "run_record",
     "search_learning_rate",
     "write_run_record",
@@ -68,9 +69,30 @@ def load_metric(name: str) -> Any:
         raise
 
 
+#: flags whose values never enter a record, a log or a card
+SECRET_FLAGS = ("--hub_token",)
+
+
+def redact(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the values of secret flags (``--hub_token x`` or ``--hub_token=x``) hidden."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("<redacted>")
+            hide = False
+        elif arg in SECRET_FLAGS:
+            out.append(arg)
+            hide = True
+        elif arg.split("=", 1)[0] in SECRET_FLAGS:
+            out.append(arg.split("=", 1)[0] + "=<redacted>")
+        else:
+            out.append(arg)
+    return out
+
+
 def command_line(argv: Sequence[str], script: str) -> str:
-    """The shell command that reruns this recipe with these arguments."""
-    return " ".join(["python", f"recipes/{script}", *(shlex.quote(a) for a in argv)])
+    """The shell command that reruns this recipe with these arguments (secrets redacted)."""
+    return " ".join(["python", f"recipes/{script}", *(shlex.quote(a) for a in redact(argv))])
 
 
 def run_record(
@@ -93,8 +115,10 @@ def run_record(
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the real one
         optimizer = optimizer.optimizer
     hyper = {}
-    if optimizer is not None:
-        hyper = {k: _plain(v) for k, v in optimizer.defaults.items() if k not in ("params",)}
+    if optimizer is not None:  # the first group: the Trainer's decay group, with the real weight decay
+        hyper = {
+            k: _plain(v) for k, v in optimizer.param_groups[0].items() if k not in ("params", "initial_lr")
+        }
     return {
         "task": task,
         "model": model_name,
@@ -177,7 +201,6 @@ def model_card(
                 metric_type=metric,
                 metric_name=metric,
                 metric_value=round(float(value), 6),
-                source_name="hf_rootfree recipes",
             )
         )
     name = Path(record["output_dir"]).name
