@@ -1,0 +1,315 @@
+"""The text recipes end to end (``recipes/text_classification.py``, ``recipes/causal_lm.py``).
+
+Offline and on CPU: the embedded defaults generate their data and train their tokenizers here,
+and the "pretrained" models are tiny ones saved to a temporary folder. Runs are cut to a few
+steps; that the defaults learn in their full budget is measured by running the scripts (their
+docstrings and the README quote the numbers), not here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from optim_db import CLASSES
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+if str(RECIPES) not in sys.path:
+    sys.path.insert(0, str(RECIPES))
+
+import causal_lm  # noqa: E402
+import text_classification  # noqa: E402
+import text_data  # noqa: E402
+
+RECIPE = {"text-classification": text_classification, "causal-lm": causal_lm}
+SCRIPT = {"text-classification": "text_classification.py", "causal-lm": "causal_lm.py"}
+METRIC = {"text-classification": "accuracy", "causal-lm": "perplexity"}
+OPTIMIZERS = ["adamw_torch_fused", "rootfree_adamw", "sirfshampoo", "adax"]
+CLASS_NAMES = {"adamw_torch_fused": "AdamW", **{name: cls.__name__ for name, cls in CLASSES.items()}}
+SMOKE = ["--max_steps", "6", "--eval_steps", "3", "--logging_steps", "2", "--max_eval_samples", "64"]
+QUIET = ["--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """``smoke_run(task, optim)``: the record of a 6-step run of the embedded default (cached)."""
+    records: dict[tuple[str, str], dict] = {}
+
+    def run(task: str, optim: str) -> dict:
+        if (task, optim) not in records:
+            output_dir = tmp_path_factory.mktemp(f"{task}-{optim}")
+            argv = [*SMOKE, "--optim", optim, "--output_dir", str(output_dir), *QUIET]
+            records[task, optim] = RECIPE[task].run(argv)
+        return records[task, optim]
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The embedded defaults run end to end under every kind of optimizer.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+def test_embedded_default_runs_end_to_end_and_writes_record_and_card(smoke_run, task, optim):
+    record = smoke_run(task, optim)
+    output_dir = Path(record["output_dir"])
+
+    assert json.loads((output_dir / "run_result.json").read_text()) == json.loads(
+        json.dumps(record, default=str)
+    )
+    assert (output_dir / "README.md").is_file()
+    assert not (output_dir / "model.safetensors").exists(), "--save_strategy no must not save the model"
+    assert (record["task"], record["metric"], record["optim"]) == (task, METRIC[task], optim)
+    assert record["optimizer_class"] == CLASS_NAMES[optim]
+    assert record["hf_rootfree"] is (optim != "adamw_torch_fused")
+    assert record["pretrained"] is None
+    assert record["max_steps"] == 6 and record["global_batch_size"] == 32
+    assert record["command"] == f"python recipes/{SCRIPT[task]} " + " ".join(
+        [*SMOKE, "--optim", optim, "--output_dir", str(output_dir), *QUIET]
+    )
+
+    metrics = record["eval_metrics"]
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    if task == "text-classification":
+        assert 0 <= metrics["eval_accuracy"] <= 1 and 0 <= metrics["eval_f1"] <= 1
+    else:
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-12)
+    history = record["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [2, 4, 6]
+    assert all(math.isfinite(e["loss"]) for e in history if "loss" in e)
+    evals = [e for e in history if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [3, 6, 6]  # every 3 steps, then trainer.evaluate()
+    assert all(f"eval_{METRIC[task]}" in e for e in evals)  # compare.py plots these curves
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Fine-tuning: --model_name_or_path loads the saved weights and tokenizer; local files.
+# ---------------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pretrained_classifier(folder: Path) -> None:
+    corpus = text_data.sentiment_corpus(num_train=200, num_eval=0, seed=7)
+    tokenizer = text_data.bert_tokenizer(corpus["train"]["sentence"], model_max_length=48)
+    torch.manual_seed(123)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=48,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def pretrained_lm(folder: Path) -> None:
+    corpus = text_data.grammar_corpus(num_train=200, num_eval=0, seed=7)
+    tokenizer = text_data.gpt2_tokenizer(corpus["train"]["text"], model_max_length=16)
+    torch.manual_seed(123)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def local_files(task: str, folder: Path) -> tuple[Path, Path]:
+    """Sentence pairs with string labels (csv) for classification, plain text (txt) for the LM."""
+    if task == "text-classification":
+        corpus = text_data.sentiment_corpus(num_train=64, num_eval=32, seed=3)
+        paths = folder / "train.csv", folder / "dev.csv"
+        for path, split in zip(paths, ("train", "validation")):
+            rows = corpus[split].to_list()
+            pairs = zip(rows, rows[1:] + rows[:1])
+            labels = ("neg", "pos")
+            write_csv(
+                path,
+                [
+                    {"sentence1": a["sentence"], "sentence2": b["sentence"], "label": labels[a["label"]]}
+                    for a, b in pairs
+                ],
+            )
+    else:
+        corpus = text_data.grammar_corpus(num_train=200, num_eval=40, seed=3)
+        paths = folder / "train.txt", folder / "valid.txt"
+        for path, split in zip(paths, ("train", "validation")):
+            path.write_text("\n".join(corpus[split]["text"]) + "\n")
+    return paths
+
+
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+def test_model_name_or_path_loads_saved_weights_and_tokenizer_and_trains_on_local_files(tmp_path, task):
+    pretrained = tmp_path / "pretrained"
+    (pretrained_classifier if task == "text-classification" else pretrained_lm)(pretrained)
+    train_file, validation_file = local_files(task, tmp_path)
+    output_dir = tmp_path / "out"
+    argv = [
+        "--model_name_or_path", str(pretrained),
+        "--train_file", str(train_file),
+        "--validation_file", str(validation_file),
+        "--cache_dir", str(tmp_path / "cache"),
+        "--output_dir", str(output_dir),
+        "--learning_rate", "0",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
+        "--save_strategy", "steps",
+        *QUIET,
+    ]  # fmt: skip
+    record = RECIPE[task].run(argv)
+
+    assert record["pretrained"] == record["model"] == str(pretrained)
+    assert record["dataset"] == train_file.name
+    assert all(math.isfinite(value) for value in record["eval_metrics"].values())
+    assert record["log_history"][-1]["step"] == 2
+    # with learning rate 0, the saved model is the pretrained one, weight for weight
+    auto_model = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForCausalLM
+    before = auto_model.from_pretrained(pretrained).state_dict()
+    after = auto_model.from_pretrained(output_dir).state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    # ... and the tokenizer saved with it is the pretrained one
+    assert (
+        AutoTokenizer.from_pretrained(output_dir).get_vocab()
+        == AutoTokenizer.from_pretrained(pretrained).get_vocab()
+    )
+    if task == "text-classification":  # string labels became ids 0/1, in sorted order; pairs
+        assert after_config_labels(output_dir) == {"0": "neg", "1": "pos"}
+        assert {"eval_accuracy", "eval_f1"} <= record["eval_metrics"].keys()
+        assert AutoTokenizer.from_pretrained(output_dir)("a b", "c")["token_type_ids"] == [0, 0, 0, 0, 1, 1]
+
+
+def after_config_labels(folder: Path) -> dict[str, str]:
+    return json.loads((folder / "config.json").read_text())["id2label"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The model card.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "dataset"), [("text-classification", "generated-sentiment"), ("causal-lm", "generated-grammar")]
+)
+def test_model_card_parses_and_its_eval_results_hold_the_metric(smoke_run, task, dataset):
+    record = smoke_run(task, "rootfree_adamw")
+    card = ModelCard.load(Path(record["output_dir"]) / "README.md")
+
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.dataset_name) == (METRIC[task], dataset)
+    assert result.metric_value == pytest.approx(record["eval_metrics"][f"eval_{METRIC[task]}"], abs=1e-6)
+    assert "optimizer:rootfree_adamw" in card.data.tags
+    assert record["command"] in card.text
+
+
+def test_hub_token_never_reaches_the_record_or_the_card(tmp_path):
+    secret = "hf_do_not_write_me"
+    argv = [*SMOKE, "--max_steps", "2", "--output_dir", str(tmp_path), "--hub_token", secret, *QUIET]
+    record = text_classification.run(argv)
+
+    assert "--hub_token '<redacted>'" in record["command"]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad arguments fail before anything runs, naming the culprit.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset_name", "glue", "--train_file", "train.csv"], "were both given"),
+        (["--validation_file", "dev.csv"], "needs a --train_file"),
+        (["--train_file", "train.parquet"], "--train_file 'train.parquet': the extension must be one of"),
+    ],
+)
+@pytest.mark.parametrize("task", ["text-classification", "causal-lm"])
+def test_conflicting_or_unsupported_data_arguments_raise_value_error(tmp_path, task, argv, message):
+    with pytest.raises(ValueError, match=message):
+        RECIPE[task].run([*argv, "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir()), "nothing may be written before the arguments are checked"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The generated data is what the docstrings say.
+# ---------------------------------------------------------------------------------------------
+
+
+def rule_label(sentence: str) -> int:
+    """The label by the rule: the clause after "but" decides; a negation flips its adjective."""
+    clause = sentence.split(" but ")[-1].split()
+    positive = any(word in text_data.POSITIVE for word in clause)
+    negative = any(word in text_data.NEGATIVE for word in clause)
+    assert positive != negative, sentence
+    negated = any(word in ("not", "never", "hardly") for word in clause)
+    return int(positive != negated)
+
+
+def test_generated_sentiment_labels_follow_negation_and_but_clauses_up_to_the_label_noise():
+    clean = text_data.sentiment_corpus(num_train=1000, num_eval=0, label_noise=0.0)["train"]
+    assert [rule_label(s) for s in clean["sentence"]] == clean["label"]
+    assert sum(" but " in s for s in clean["sentence"]) > 200  # contrast_rate 0.3
+    assert 0.4 < sum(clean["label"]) / len(clean) < 0.6
+
+    noisy = text_data.sentiment_corpus(num_train=4000, num_eval=0, label_noise=0.05)["train"]
+    flipped = sum(rule_label(s) != y for s, y in zip(noisy["sentence"], noisy["label"]))
+    assert 0.03 < flipped / len(noisy) < 0.07
+    assert (
+        text_data.sentiment_corpus(num_train=50, num_eval=0)["train"]["sentence"]
+        == (text_data.sentiment_corpus(num_train=50, num_eval=0)["train"]["sentence"])
+    )
+
+
+def test_generated_grammar_main_verb_agrees_with_the_subject_across_relative_clauses():
+    singular = {verb for verb, _ in text_data.TRANSITIVE + text_data.INTRANSITIVE}
+    plural = {verb for _, verb in text_data.TRANSITIVE + text_data.INTRANSITIVE}
+    nouns = {form: number for pair in text_data.NOUNS for number, form in enumerate(pair)}
+    sentences = text_data.grammar_corpus(num_train=500, num_eval=0)["train"]["text"]
+    relative = 0
+    for sentence in sentences:
+        words = sentence.split()
+        subject = next(w for w in words if w in nouns)
+        rest = words[words.index(subject) + 1 :]
+        if rest[0] == "that":  # skip "that NP verb"
+            relative += 1
+            inner = next(i for i, w in enumerate(rest) if w in nouns)
+            rest = rest[inner + 2 :]
+        verb = rest[0]
+        assert verb in (plural if nouns[subject] else singular), sentence
+    assert relative > 100
