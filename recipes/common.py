@@ -245,16 +245,19 @@ class _SearchFinished(Exception):
         self.learning_rate = learning_rate
 
 
-def search_learning_rate(run: Any, argv: Sequence[str], *, n_trials: int, maximize: bool) -> float:
+def search_learning_rate(
+    run: Any, argv: Sequence[str], *, n_trials: int, metric: str, maximize: bool
+) -> float:
     """Search the learning rate of a recipe with ``Trainer.hyperparameter_search`` (optuna).
 
     Runs ``run(argv)`` with :class:`CardTrainer` in search mode: instead of training once, its
     ``train()`` runs ``n_trials`` trials with learning rates log-uniform in [lr/10, 10·lr] around
     the ``--learning_rate`` in ``argv`` (the model is re-created from its initial weights for each
-    trial), objective: the eval metric (``maximize``) or the eval loss. Returns the best rate.
+    trial), objective: ``eval_<metric>`` (the eval loss where the run does not report it).
+    Returns the best rate.
     """
     global _LR_SEARCH
-    _LR_SEARCH = {"n_trials": n_trials, "direction": "maximize" if maximize else "minimize"}
+    _LR_SEARCH = {"n_trials": n_trials, "direction": "maximize" if maximize else "minimize", "metric": metric}
     try:
         run(list(argv))
     except _SearchFinished as done:
@@ -284,13 +287,14 @@ class CardTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if _LR_SEARCH is None or kwargs.get("trial") is not None:
             return super().train(*args, **kwargs)
-        center = self.args.learning_rate
+        center, key = self.args.learning_rate, _LR_SEARCH["metric"]
         best = self.hyperparameter_search(
             hp_space=lambda trial: {
                 "learning_rate": trial.suggest_float("learning_rate", center / 10, center * 10, log=True)
             },
             n_trials=_LR_SEARCH["n_trials"],
             direction=_LR_SEARCH["direction"],
+            compute_objective=lambda metrics: metrics.get(f"eval_{key}", metrics["eval_loss"]),
             backend="optuna",
         )
         raise _SearchFinished(float(best.hyperparameters["learning_rate"]))

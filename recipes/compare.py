@@ -155,7 +155,10 @@ def tune_learning_rate(
     """A small lr search (optuna, through the recipe's ``Trainer.hyperparameter_search``)."""
     argv = run_argv(task, optim, args.seed, args, presets, passthrough)
     argv[1] = str(args.output_dir / "tuning" / task / optim)
-    return common.search_learning_rate(recipe(task).run, argv, n_trials=args.tune, maximize=TASKS[task][2])
+    _, metric, higher = TASKS[task]
+    return common.search_learning_rate(
+        recipe(task).run, argv, n_trials=args.tune, metric=metric, maximize=higher
+    )
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
