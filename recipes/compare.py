@@ -12,9 +12,10 @@ presets (``recipes/configs/presets.yaml``), identical seeds, data and step budge
 
 Usage::
 
-    python recipes/compare.py                 # offline default: ConvNeXt on digits + BERT on
-                                              # generated text; AdamW, SGD (CNN), rootfree_adamw,
-                                              # sirfshampoo; 2 seeds; about 10 minutes on 2 cores
+    python recipes/compare.py                 # offline default: ConvNeXt on digits + GPT-2 on
+                                              # generated sentences; AdamW, SGD (CNN),
+                                              # rootfree_adamw, sirfshampoo; 2 seeds; < 10 minutes
+                                              # on 2 cores
     python recipes/compare.py --tasks causal-lm --extra_optimizers adax,rootfree_adax --seeds 3
     python recipes/compare.py --tune 6        # first a small lr search per optimizer (optuna)
     python recipes/compare.py --tasks image-classification -- \\
@@ -49,7 +50,10 @@ TASKS: dict[str, tuple[str, str, bool]] = {
     "text-classification": ("text_classification", "accuracy", True),
     "causal-lm": ("causal_lm", "perplexity", False),
 }
-DEFAULT_TASKS = ("image-classification", "text-classification")
+#: the CNN and the transformer embedded tasks. text-classification is not among them: on its tiny
+#: BERT every non-Adam method (SGD, root-free, SIRFShampoo) stayed at chance in the default budget
+#: while AdamW reached 0.93 (see the README), so it is run on request (--tasks).
+DEFAULT_TASKS = ("image-classification", "causal-lm")
 #: the paper's baselines: AdamW everywhere, SGD for CNNs; then ours
 DEFAULT_OPTIMIZERS = ("adamw_torch_fused", "sgd", "rootfree_adamw", "sirfshampoo")
 CNN_ONLY = {"sgd"}
