@@ -191,3 +191,33 @@ def test_a_dataset_without_validation_split_holds_out_a_fixed_fifth_of_train(tmp
     argv = ["--dataset_name", str(data_dir), "--cache_dir", cache_dir, *SMOKE]
     record = recipe.run([*argv, "--output_dir", str(tmp_path / "out")])  # finds img and fine_label
     assert math.isfinite(record["eval_metrics"]["eval_accuracy"])
+
+
+def test_the_recipe_runs_under_accelerate_launch_with_the_single_process_config(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "recipes" / "configs" / "single_process.yaml"),
+        str(root / "recipes" / "image_classification.py"),
+        "--output_dir",
+        str(tmp_path),
+        "--optim",
+        "sirfshampoo",
+        "--max_steps",
+        "3",
+        "--eval_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "run_result.json").read_text())
+    assert record["optim"] == "sirfshampoo" and math.isfinite(record["eval_metrics"]["eval_accuracy"])
