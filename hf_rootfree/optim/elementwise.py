@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer
 
 from . import _fused
@@ -279,6 +280,11 @@ _PATHS: dict[str, Callable[..., None]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensors (views: in-place updates reach the DTensor); others as is."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 class _ElementwiseOptimizer(Optimizer):
     """Shared machinery of the element-wise family (not public).
 
@@ -481,6 +487,9 @@ class _ElementwiseOptimizer(Optimizer):
             else:
                 cache = {t: self._coefficients(group, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
+            # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
+            # rank's local shard (the state is created like the parameter, so it is sharded alike)
+            params, grads, bufs, seconds = (_local_tensors(ts) for ts in (params, grads, bufs, seconds))
             _PATHS[self._path(group, params)](
                 params, grads, bufs, seconds, coeffs, root=self._root, heavy_ball=self._heavy_ball
             )

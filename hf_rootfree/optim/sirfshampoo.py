@@ -17,13 +17,16 @@ Implementation notes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
 from .elementwise import _BATCH_SIZE_HELP, _check_batch_size, _check_nonnegative, _check_range
@@ -184,8 +187,12 @@ class _Block:
         return (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.owner.device, self.hyper)
 
     def gradient(self) -> Tensor:
-        """The preconditioned view of the gradient (zeros for a member without one)."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        """The preconditioned view of the gradient (zeros for a member without one). A DTensor
+        gradient (FSDP2) is all-gathered: the preconditioner sees the whole tensor."""
+        grads = [
+            _full(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            for p in self.params
+        ]
         if len(grads) == 1:
             return grads[0].reshape(self.dims)
         weight, bias = grads
@@ -264,6 +271,10 @@ class SIRFShampoo(Optimizer):
         share_bias: see ``model``; ignored without it. The weight's and the bias's groups must
             both allow it and agree on every preconditioner option (they may differ in ``lr``,
             ``momentum`` and ``weight_decay``, which act after preconditioning).
+        distributed: with several processes (torch.distributed initialized, e.g. under DDP or
+            FSDP2), split the factor updates across ranks and exchange the results (each rank
+            then does about 1/world_size of that work). ``None`` (default): when
+            torch.distributed is initialized; ``False``: every rank updates every factor.
         trainer_model: the same as ``model``, under the name the Trainer integration passes it
             (the Trainer takes a ``model`` keyword argument for the parameters themselves).
 
@@ -298,6 +309,7 @@ class SIRFShampoo(Optimizer):
         large_dim_structure: str = "diagonal",
         model: nn.Module | None = None,
         share_bias: bool = True,
+        distributed: bool | None = None,
         trainer_model: nn.Module | None = None,
     ) -> None:
         defaults = dict(
@@ -317,6 +329,7 @@ class SIRFShampoo(Optimizer):
             hierarchical_sizes=hierarchical_sizes,
             large_dim_structure=large_dim_structure,
             share_bias=share_bias,
+            distributed=distributed,
         )
         self._normalize_group(defaults)
         if model is None:
@@ -360,6 +373,10 @@ class SIRFShampoo(Optimizer):
         for flag in ("merge_dims", "share_bias"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
+        if group.get("distributed") not in (None, True, False):
+            raise TypeError(
+                f"{_OWNER}: distributed must be None, True or False, got {group['distributed']!r}"
+            )
         group["structures"] = _normalize_structures(group["structures"])
         group["precond_dtype"] = _precond_dtype(group["precond_dtype"])
 
@@ -536,30 +553,55 @@ class SIRFShampoo(Optimizer):
             for p in present:
                 self._check_grad(p)
             active.append(block)
-        due: dict[tuple[Any, ...], list[_Block]] = {}
+        due: list[_Block] = []
         for block in active:
             if block.empty:
                 continue
             self._init_block_state(block)
             group = self._group_of(block.owner)
             if self._host_step(block.owner) % group["update_freq"] == 0:
-                due.setdefault(block.batch_key(), []).append(block)
-        for bucket in due.values():
+                due.append(block)
+        with _gathered_gradients([p for b in active for p in b.params]):
+            self._update_due_factors(due)
+            updates = self._precondition_all(active)
+        self._update_parameters(updates)
+        return loss
+
+    def _update_due_factors(self, due: list[_Block]) -> None:
+        """Update the due factors, batched by shape; with several processes each updates a share.
+
+        Under DDP every rank holds the same averaged gradient, so the factor updates are
+        identical work: with ``distributed`` (the default when torch.distributed runs) each rank
+        updates the blocks assigned to it (longest-processing-time-first on an O(d³) cost
+        estimate, the same on every rank), then every owner broadcasts its blocks' new state.
+        """
+        share = _share(due, self.defaults["distributed"])
+        mine = due if share is None else [b for b, owner in zip(due, share) if owner == dist.get_rank()]
+        buckets: dict[tuple[Any, ...], list[_Block]] = {}
+        for block in mine:
+            buckets.setdefault(block.batch_key(), []).append(block)
+        for bucket in buckets.values():
             self._update_factors(bucket)
+        if share is not None:
+            for rank in range(dist.get_world_size()):
+                owned = [b for b, owner in zip(due, share) if owner == rank]
+                if owned:
+                    _broadcast_state([self.state[b.owner] for b in owned], src=rank)
+
+    def _precondition_all(self, active: list[_Block]) -> dict[Tensor, Tensor]:
         # Precondition: small blocks of one shape together (one batched product per axis).
         updates: dict[Tensor, Tensor] = {}
         batches: dict[tuple[Any, ...], list[_Block]] = {}
         for block in active:
             if block.empty:
-                updates.update({p: torch.zeros_like(p) for p in block.params if p.grad is not None})
+                updates.update({p: torch.zeros_like(_local(p)) for p in block.params if p.grad is not None})
             elif self._batchable(block):
                 batches.setdefault(block.batch_key(), []).append(block)
             else:
                 self._precondition([block], updates)
         for bucket in batches.values():
             self._precondition(bucket, updates)
-        self._update_parameters(updates)
-        return loss
+        return updates
 
     def _check_grad(self, p: Tensor) -> None:
         grad = p.grad
@@ -691,7 +733,7 @@ class SIRFShampoo(Optimizer):
         for block, update in zip(bucket, grad.unbind(0)):
             for p, part in zip(block.params, block.split(update)):
                 if p.grad is not None:
-                    updates[p] = part
+                    updates[p] = _local_part(part, p)
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """b ← α1·b + (P + κ·µ);  µ ← µ − β1·b, with foreach ops per group where dtypes allow."""
@@ -713,24 +755,27 @@ class SIRFShampoo(Optimizer):
             for p in params:
                 same = p.dtype == self._buffer_dtype(p) == updates[p].dtype
                 (fast if same else slow).append(p)
+            # FSDP2: parameters and momentum buffers are DTensors; update their local shards
             if fast:
                 # the updates are fresh tensors (products above), so they may be overwritten
                 grads = [updates[p] for p in fast]
+                local = [_local(p) for p in fast]
                 if decay != 0:
-                    torch._foreach_add_(grads, fast, alpha=decay)
+                    torch._foreach_add_(grads, local, alpha=decay)
                 if momentum != 0:
-                    buffers = [self._momentum_buffer(p) for p in fast]
+                    buffers = [_local(self._momentum_buffer(p)) for p in fast]
                     torch._foreach_mul_(buffers, momentum)
                     torch._foreach_add_(buffers, grads)
                     grads = buffers
-                torch._foreach_add_(fast, grads, alpha=-lr)
+                torch._foreach_add_(local, grads, alpha=-lr)
             for p in slow:  # low-precision parameters or factors: compute in the buffer's dtype
                 update = updates[p].to(self._buffer_dtype(p))
+                local = _local(p)
                 if decay != 0:
-                    update.add_(p, alpha=decay)
+                    update.add_(local, alpha=decay)
                 if momentum != 0:
-                    update = self._momentum_buffer(p).mul_(momentum).add_(update)
-                p.copy_(p.to(update.dtype).add_(update, alpha=-lr))
+                    update = _local(self._momentum_buffer(p)).mul_(momentum).add_(update)
+                local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -821,6 +866,100 @@ def _kkt_average_trace(struct: Structure, q: Tensor) -> Tensor:
     if q.dim() == 3:  # block diagonal
         return q.diagonal(dim1=-2, dim2=-1).sum() / struct.dim
     return q.diagonal().sum() / struct.dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: DTensor (FSDP2) parameters and the factor work split across ranks
+# ---------------------------------------------------------------------------------------------
+
+_GATHERED: dict[int, Tensor] = {}
+
+
+@contextlib.contextmanager
+def _gathered_gradients(params: list[Tensor]):
+    """All-gather the DTensor (FSDP2) gradients once per step, in the same order on every rank.
+
+    FSDP2 leaves each rank a shard of the averaged gradient. SIRFShampoo preconditions the whole
+    tensor (the "gather" strategy: the same math as one process, with replicated factors), so the
+    shards are gathered here, before any rank-dependent work could reorder the collectives.
+    """
+    for p in params:
+        if isinstance(p.grad, DTensor):
+            _GATHERED[id(p.grad)] = p.grad.full_tensor()
+    try:
+        yield
+    finally:
+        _GATHERED.clear()
+
+
+def _full(t: Tensor) -> Tensor:
+    if isinstance(t, DTensor):
+        return _GATHERED[id(t)] if id(t) in _GATHERED else t.full_tensor()
+    return t
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _local_part(update: Tensor, param: Tensor) -> Tensor:
+    """This rank's shard of a whole-tensor update of a DTensor parameter (no communication)."""
+    if not isinstance(param, DTensor):
+        return update
+    mesh = param.device_mesh
+    whole = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, param.placements).to_local()
+
+
+def _block_cost(block: _Block) -> float:
+    """Rough flops of one factor update: O(d³ + numel·d) per dense-like axis, O(numel) diagonal."""
+    numel = math.prod(block.dims)
+    cost = 0.0
+    for d, struct in zip(block.dims, block.structures):
+        if struct.name == "diagonal":
+            cost += numel
+        elif struct.name == "block_diagonal":
+            cost += d * struct.block**2 + numel * struct.block
+        else:
+            cost += d**3 + numel * d
+    return cost
+
+
+def _share(blocks: list[_Block], flag: bool | None) -> list[int] | None:
+    """The rank that updates each block's factors (longest first onto the least loaded rank),
+    or None when the work is not split."""
+    if flag is False or not blocks or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if world < 2:
+        return None
+    costs = [_block_cost(b) for b in blocks]
+    load, owner = [0.0] * world, [0] * len(blocks)
+    for i in sorted(range(len(blocks)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += costs[i]
+    return owner
+
+
+def _broadcast_state(states: list[dict[str, Tensor]], src: int) -> None:
+    """Send the factor state of ``src``'s blocks to every rank, as one byte buffer."""
+    tensors = [
+        state[key]
+        for state in states
+        for key in sorted(state)
+        if key.startswith(("factor_", "precond_")) or key == "skipped_factor_updates"
+    ]
+    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]  # views: the state is contiguous
+    sizes = [f.numel() for f in flat]
+    if dist.get_rank() == src:
+        buffer = torch.cat(flat)
+    else:
+        buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=tensors[0].device)
+    dist.broadcast(buffer, src=src)
+    if dist.get_rank() != src:
+        for view, chunk in zip(flat, buffer.split(sizes)):
+            view.copy_(chunk)
 
 
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
