@@ -1,0 +1,139 @@
+"""Every optimizer on FSDP2-sharded parameters (run with ``torchrun --nproc_per_node 2``, gloo).
+
+``fully_shard`` makes every parameter a DTensor sharded over the two ranks. The element-wise
+optimizers update each rank's local shard; SIRFShampoo gathers the gradient and preconditions
+the whole tensor (its factors are replicated), so both must end where one process does. Then a
+sharded checkpoint (torch.distributed.checkpoint with ``get/set_optimizer_state_dict``, what
+accelerate and the Trainer use) is saved mid-run and a fresh model + optimizer resumed from it
+must end bitwise where the uninterrupted run did. Rank 0 writes a JSON report to argv[1].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
+
+import hf_rootfree
+
+GLOBAL_BATCH, STEPS, RESUME_AT = 16, 6, 3
+CASES = {
+    "rootfree_adamw": (hf_rootfree.RootFreeAdamW, {"lr": 0.05, "weight_decay": 0.01}),
+    "rootfree_rmsprop": (hf_rootfree.RootFreeRMSprop, {"lr": 0.01, "momentum": 0.9}),
+    "adax": (hf_rootfree.AdaX, {"lr": 0.01}),
+    "rootfree_adax": (hf_rootfree.RootFreeAdaX, {"lr": 0.05}),
+    "sirfshampoo": (hf_rootfree.SIRFShampoo, {"lr": 0.01, "update_freq": 2, "precond_lr": 0.1}),
+}
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.LayerNorm(12), nn.Linear(12, 6), nn.Linear(6, 5))
+
+
+def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(GLOBAL_BATCH, 8, generator=gen), torch.randint(0, 5, (GLOBAL_BATCH,), generator=gen)
+
+
+def shard(model: nn.Sequential, mesh) -> nn.Sequential:
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def run(model, optimizer, steps, rank, world) -> None:
+    local = GLOBAL_BATCH // world
+    for step in steps:
+        x, y = data(step)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(
+            model(x[rank * local : (rank + 1) * local]), y[rank * local : (rank + 1) * local]
+        ).backward()
+        optimizer.step()
+
+
+def full(model: nn.Module) -> torch.Tensor:
+    parts = [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().reshape(-1)
+        for p in model.parameters()
+    ]
+    return torch.cat(parts)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.set_num_threads(1)
+    report = {}
+    checkpoint_root = Path(sys.argv[1]).parent / "fsdp2_checkpoints"
+    for name, (cls, kwargs) in CASES.items():
+        batch = {} if cls is hf_rootfree.AdaX else {"batch_size": GLOBAL_BATCH}
+        single_kwargs = {
+            **kwargs,
+            **batch,
+            **({"distributed": False} if cls is hf_rootfree.SIRFShampoo else {}),
+        }
+        model = shard(net(), mesh)
+        optimizer = cls(model.parameters(), **kwargs, **batch)
+        run(model, optimizer, range(STEPS), rank, world)
+        sharded = full(model)
+        gathered = [torch.empty_like(sharded) for _ in range(world)]
+        dist.all_gather(gathered, sharded)
+
+        # the same steps in one process on the whole batch
+        single = net()
+        single_optimizer = cls(single.parameters(), **single_kwargs)
+        run(single, single_optimizer, range(STEPS), 0, 1)
+        expected = full(single)
+
+        # sharded checkpoint at RESUME_AT, then resume into a fresh model and optimizer
+        first = shard(net(), mesh)
+        first_optimizer = cls(first.parameters(), **kwargs, **batch)
+        run(first, first_optimizer, range(RESUME_AT), rank, world)
+        path = checkpoint_root / name
+        model_state, optim_state = get_state_dict(first, first_optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path))
+        second = shard(net(), mesh)
+        second_optimizer = cls(second.parameters(), **kwargs, **batch)
+        run(second, second_optimizer, range(1), rank, world)  # build state to load into
+        model_state, optim_state = get_state_dict(second, second_optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=str(path))
+        set_state_dict(
+            second, second_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"]
+        )
+        run(second, second_optimizer, range(RESUME_AT, STEPS), rank, world)
+        resumed = full(second)
+
+        local_state = next(iter(optimizer.state.values()))
+        report[name] = {
+            "sharded_parameters": all(hasattr(p, "full_tensor") for p in model.parameters()),
+            "state_types": sorted({type(v).__name__ for s in optimizer.state.values() for v in s.values()}),
+            "ranks_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            "max_abs_error_vs_one_process": float((sharded - expected).abs().max()),
+            "moved": float((expected - full(net())).abs().max()),
+            "resume_max_abs_diff": float((resumed - sharded).abs().max()),
+            "first_state_keys": sorted(local_state),
+        }
+    if rank == 0:
+        Path(sys.argv[1]).write_text(json.dumps(report, indent=2))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory():
+        main()
