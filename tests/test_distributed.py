@@ -24,6 +24,7 @@ def torchrun(script: str, *args: str, tmp_path: Path) -> None:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # rendezvous on a free port: no clash with other jobs on the machine
         "--nproc_per_node",
         "2",
         str(SCRIPTS / script),
