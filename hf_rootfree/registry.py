@@ -228,6 +228,14 @@ def optimizer_cls_and_kwargs(
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown hf_rootfree optimizer {key!r}; choose one of {', '.join(OPTIMIZERS)}")
     spec = OPTIMIZERS[key]
+    if spec.cls is SIRFShampoo and getattr(args, "deepspeed", None):
+        raise ValueError(
+            "--optim sirfshampoo does not support DeepSpeed: ZeRO flattens the parameters into one "
+            "buffer per rank, so the per-layer Kronecker factors have no shape to act on. Train "
+            "with DDP or FSDP2 (accelerate's fsdp_version: 2; SIRFShampoo gathers sharded "
+            "gradients), or pick an element-wise --optim (rootfree_adamw, rootfree_rmsprop, adax, "
+            "rootfree_adax)."
+        )
     kwargs = spec.from_training_args(args)
     kwargs.update(parse_optim_args(key, getattr(args, "optim_args", None)))
     if model is not None and "trainer_model" in inspect.signature(spec.cls.__init__).parameters:

@@ -323,3 +323,11 @@ def test_bad_optim_args_fail_when_the_trainer_builds_the_optimizer(tmp_path, opt
         build_optimizer(args)
     with pytest.raises(ValueError, match=pattern):
         build_optimizer(args)
+
+
+def test_sirfshampoo_refuses_deepspeed_before_training_with_the_alternatives():
+    args = _Args(deepspeed={"zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match=r"does not support DeepSpeed.*DDP or FSDP2.*rootfree_adamw"):
+        hf_rootfree.optimizer_cls_and_kwargs("sirfshampoo", args)
+    cls, _ = hf_rootfree.optimizer_cls_and_kwargs("rootfree_adamw", args)  # element-wise: allowed
+    assert cls is RootFreeAdamW
