@@ -115,6 +115,15 @@ def fmt_slope(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def fit(xs: list[float], ys: list[float], cut: int) -> dict[str, float | None]:
+    """Slopes over all points, from index ``cut`` up, and between the last two points."""
+    return {"all": slope(xs, ys), "upper": slope(xs[cut:], ys[cut:]), "last": slope(xs[-2:], ys[-2:])}
+
+
+def fmt_fit(value: dict[str, float | None]) -> str:
+    return " / ".join(fmt_slope(value[k]) for k in ("all", "upper", "last"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Part 1: element-wise optimizers against parameter count
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +165,8 @@ def part_elementwise(sizes: list[float], rounds: int) -> dict:
     print("\n== part 1: element-wise optimizers, 8 square Linear layers (16 tensors) ==", flush=True)
     factories = elementwise_factories()
     points = []
-    header = f"{'params':>8} {'d':>5} " + " ".join(f"{label:>16}" for label, _ in factories)
-    print("median ms per step (x fused AdamW):")
+    header = f"{'params':>8} {'d':>5} " + " ".join(f"{label:>22}" for label, _ in factories)
+    print("per optimizer: median ms per step, min ms, (median x fused AdamW):")
     print(header)
     print("-" * len(header))
     for target in sizes:
@@ -175,7 +184,10 @@ def part_elementwise(sizes: list[float], rounds: int) -> dict:
         rounds_robin(timed, rounds)
         medians = {t.label: statistics.median(t.samples_ms) for t in timed}
         base = medians[BASELINE]
-        cells = " ".join(f"{medians[t.label]:>8.2f} ({medians[t.label] / base:.2f}x)" for t in timed)
+        cells = " ".join(
+            f"{medians[t.label]:>7.2f} {min(t.samples_ms):>6.2f} ({medians[t.label] / base:.2f}x)"
+            for t in timed
+        )
         print(f"{n_params / 1e6:>7.2f}M {d:>5} {cells}", flush=True)
         points.append(
             {
@@ -201,15 +213,19 @@ def part_elementwise(sizes: list[float], rounds: int) -> dict:
     cut = upper_half(xs)
     slopes = {}
     print(
-        f"growth exponent (slope of log time vs log params): all sizes / from {xs[cut] / 1e6:.0f}M up; "
-        "ns per parameter at the largest size"
+        f"growth exponent (slope of log time vs log params) of the median and of the minimum step time: "
+        f"all sizes / from {xs[cut] / 1e6:.0f}M up / the two largest; ns per parameter at the largest size"
     )
     for label, _ in factories:
-        ys = [next(r["median_ms"] for r in p["rows"] if r["optimizer"] == label) for p in points]
-        slopes[label] = {"all": slope(xs, ys), "upper": slope(xs[cut:], ys[cut:])}
+        rows = [next(r for r in p["rows"] if r["optimizer"] == label) for p in points]
+        slopes[label] = {
+            "median": fit(xs, [r["median_ms"] for r in rows], cut),
+            "min": fit(xs, [r["min_ms"] for r in rows], cut),
+        }
+        per_param = rows[-1]["median_ms"] * 1e6 / xs[-1], rows[-1]["min_ms"] * 1e6 / xs[-1]
         print(
-            f"  {label:<16} {fmt_slope(slopes[label]['all']):>5} / {fmt_slope(slopes[label]['upper']):>5}   "
-            f"{ys[-1] * 1e6 / xs[-1]:.2f} ns/param"
+            f"  {label:<16} median {fmt_fit(slopes[label]['median'])}   "
+            f"min {fmt_fit(slopes[label]['min'])}   {per_param[0]:.2f} ns/param (min {per_param[1]:.2f})"
         )
     return {"points": points, "slopes": slopes, "upper_from_parameters": xs[cut]}
 
@@ -289,6 +305,7 @@ def part_sirfshampoo(dims: list[int], rounds: int) -> dict:
                 {
                     "contender": t.label,
                     "amortized_ms": amortized,
+                    "amortized_min_ms": min(t.samples_ms),
                     "update_step_ms": update,
                     "plain_step_ms": plain,
                     "ratio_vs_fused_adamw": amortized / base,
@@ -308,33 +325,21 @@ def part_sirfshampoo(dims: list[int], rounds: int) -> dict:
     cut = upper_half(xs)
     slopes = {}
     print(
-        f"growth exponent (slope of log time vs log d): all d / from d={xs[cut]:.0f} up; "
-        "amortized, factor-update extra (update - plain step), plain step"
+        f"growth exponent (slope of log time vs log d): all d / from d={xs[cut]:.0f} up / the two largest; "
+        "amortized (median), amortized (min), factor-update extra (update - plain step), plain step"
     )
     for label, _ in SIRF_CONTENDERS:
+        rows = [next(r for r in p["rows"] if r["contender"] == label) for p in points]
         series = {
-            "amortized": [
-                next(r["amortized_ms"] for r in p["rows"] if r["contender"] == label) for p in points
-            ],
-            "update_extra": [
-                max(1e-6, r["update_step_ms"] - r["plain_step_ms"])
-                for p in points
-                for r in p["rows"]
-                if r["contender"] == label
-            ],
-            "plain": [next(r["plain_step_ms"] for r in p["rows"] if r["contender"] == label) for p in points],
+            "amortized": [r["amortized_ms"] for r in rows],
+            "amortized_min": [r["amortized_min_ms"] for r in rows],
+            "update_extra": [max(1e-6, r["update_step_ms"] - r["plain_step_ms"]) for r in rows],
+            "plain": [r["plain_step_ms"] for r in rows],
         }
         if label == BASELINE:  # AdamW has no factor update: only its step time means something
-            series = {"amortized": series["amortized"]}
-        slopes[label] = {
-            k: {"all": slope(xs, v), "upper": slope(xs[cut:], v[cut:])} for k, v in series.items()
-        }
-        print(
-            f"  {label:<18} "
-            + "   ".join(
-                f"{k} {fmt_slope(s['all'])} / {fmt_slope(s['upper'])}" for k, s in slopes[label].items()
-            )
-        )
+            series = {k: series[k] for k in ("amortized", "amortized_min")}
+        slopes[label] = {k: fit(xs, v, cut) for k, v in series.items()}
+        print(f"  {label:<18} " + "   ".join(f"{k} {fmt_fit(v)}" for k, v in slopes[label].items()))
     return {"points": points, "slopes": slopes, "upper_from_d": xs[cut]}
 
 
@@ -348,6 +353,7 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     parts = [k for k in ("elementwise", "sirfshampoo") if k in results]
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), dpi=120, squeeze=False)
@@ -360,8 +366,12 @@ def plot(results: dict, path: Path) -> None:
                     next(r["median_ms"] for r in p["rows"] if r["optimizer"] == label) for p in data["points"]
                 ]
                 ax.plot(
-                    xs, ys, marker="o", label=f"{label} (slope {fmt_slope(data['slopes'][label]['upper'])})"
+                    xs,
+                    ys,
+                    marker="o",
+                    label=f"{label} (slope {fmt_slope(data['slopes'][label]['median']['upper'])})",
                 )
+            _guide(ax, xs, ys, 1, "∝ N")
             ax.set_xlabel("parameters (8 square Linear layers)")
             ax.set_title("element-wise: step time vs parameters")
         else:
@@ -373,6 +383,9 @@ def plot(results: dict, path: Path) -> None:
                 ]
                 s = fmt_slope(data["slopes"][label]["amortized"]["upper"])
                 ax.plot(xs, ys, marker="o", label=f"{label} (slope {s})")
+            _guide(ax, xs, ys, 3, "∝ d³")
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("d (one d x d matrix, dense factors)")
             ax.set_title("SIRFShampoo (update_freq 10): amortized step vs d")
         ax.set_xscale("log")
@@ -384,6 +397,12 @@ def plot(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _guide(ax: object, xs: list, ys: list, power: int, text: str) -> None:
+    """A dashed line ∝ x**power through the last point of the last series."""
+    scale = ys[-1] / xs[-1] ** power
+    ax.plot(xs, [scale * x**power for x in xs], "k--", linewidth=0.8, alpha=0.6, label=text)
 
 
 def parse_numbers(text: str, cast: Callable[[str], float]) -> list:
@@ -406,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dims", default=None, help="part 2 matrix sizes d, e.g. 128,512 (default 128..2048)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds (default 7 / 3; --quick 3 / 2)"
+        "--rounds", type=int, default=None, help="interleaved rounds (default 11 / 5; --quick 3 / 2)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG path (default: %(default)s)")
@@ -417,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     dims = parse_numbers(args.dims, int) if args.dims else list(QUICK_DIMS if args.quick else DIMS)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    rounds_1 = args.rounds or (3 if args.quick else 7)
-    rounds_2 = args.rounds or (2 if args.quick else 3)
+    rounds_1 = args.rounds or (3 if args.quick else 11)
+    rounds_2 = args.rounds or (2 if args.quick else 5)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -11,9 +11,11 @@ Rows:
 * ``torch.optim.AdamW(fused=True)``, the baseline;
 * ``RootFreeAdamW``, ``RootFreeRMSprop``, ``AdaX``, ``RootFreeAdaX`` with ``state_dtype=None``
   (float32) and ``state_dtype=torch.bfloat16``;
-* ``SIRFShampoo`` with its defaults (``max_dense_dim=1024``, ``update_freq=1``) and with
-  ``update_freq=10`` (which changes which K Kᵀ are cached), each with ``precond_dtype`` float32
-  and bfloat16, given ``model=`` as the Trainer integration does;
+* ``SIRFShampoo`` with its defaults (``max_dense_dim=1024``, ``update_freq=1``), with
+  ``update_freq=10`` (which changes which K Kᵀ are cached) and, as an extra, with
+  ``structures={1: "diagonal"}`` (vectors such as LayerNorm weights and biases get a diagonal
+  factor instead of a dense d x d one), each with ``precond_dtype`` float32 and bfloat16, given
+  ``model=`` as the Trainer integration does;
 * an *analytic estimate* (not run) of Shampoo with fp32 factors, inverse roots and Adam
   grafting, blocked like Distributed Shampoo (``max_preconditioner_dim=1024``): every tensor's
   axes are cut into blocks of at most 1024; per block one factor (b_i × b_i) per axis and its
@@ -85,23 +87,23 @@ def elementwise_rows() -> list[Row]:
 
 
 def sirf_rows() -> list[Row]:
+    """Defaults with fp32 / bf16 factors; with update_freq=10; and (extra) 1-D tensors diagonal."""
+    variants = (
+        ("", {}),
+        (", update_freq=10", {"update_freq": 10}),
+        (", 1-D tensors diagonal", {"structures": {1: "diagonal"}}),
+    )
     rows = []
-    for update_freq in (1, 10):
+    for suffix, extra in variants:
         for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            label = f"SIRFShampoo defaults, {tag} factors" + ("" if update_freq == 1 else ", update_freq=10")
-            passed = (
-                f"SIRFShampoo(params, batch_size=32, model=model, precond_dtype=torch.{dtype}".replace(
-                    "torch.torch.", "torch."
-                )
-                + ("" if update_freq == 1 else ", update_freq=10")
-                + ")"
-            )
+            kwargs = {"precond_dtype": dtype, **extra}
+            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             rows.append(
                 Row(
-                    label,
-                    passed,
-                    lambda params, model, dtype=dtype, uf=update_freq: hf_rootfree.SIRFShampoo(
-                        params, batch_size=BATCH_SIZE, model=model, precond_dtype=dtype, update_freq=uf
+                    f"SIRFShampoo defaults, {tag} factors{suffix}",
+                    f"SIRFShampoo(params, batch_size=32, model=model, {shown})",
+                    lambda params, model, kwargs=kwargs: hf_rootfree.SIRFShampoo(
+                        params, batch_size=BATCH_SIZE, model=model, **kwargs
                     ),
                 )
             )
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results = []
-    header = f"{'optimizer':<50} {'state MiB':>10} {'bytes/param':>11} {'x AdamW':>8}  largest parts"
+    header = f"{'optimizer':<56} {'state MiB':>10} {'bytes/param':>11} {'x AdamW':>8}  largest parts"
     print(header)
     print("-" * (len(header) + 30))
     base = None
@@ -302,7 +304,7 @@ def _print_row(label: str, result: dict, n_params: int, base: int | None) -> Non
     total = result["state_bytes"]
     parts = ", ".join(f"{k} {v / MIB:.0f}" for k, v in list(result["by_key"].items())[:4])
     ratio = f"{total / base:.3f}x" if base else "-"
-    print(f"{label:<50} {total / MIB:>10.1f} {total / n_params:>11.2f} {ratio:>8}  {parts}")
+    print(f"{label:<56} {total / MIB:>10.1f} {total / n_params:>11.2f} {ratio:>8}  {parts}")
 
 
 if __name__ == "__main__":
