@@ -35,7 +35,14 @@ their own ``Trainer``, so the callback is handed to them by appending it to tran
 
 The machine is shared and noisy, so each measurement is repeated ``--repeats`` times (3) in
 round-robin order over the optimizers (the order rotating from round to round) and the median is
-reported; the ratio is median / median of ``adamw_torch_fused`` in the same workload. The recipes
+reported; the ratio is median / median of ``adamw_torch_fused`` in the same workload. On a shared
+2-core machine whole runs slow down by 5-30% when other jobs run, more than the 3% the
+element-wise target allows, so the callback also times ``optimizer.step()`` alone (between the
+Trainer's ``on_pre_optimizer_step`` and ``on_optimizer_step`` hooks) and the table adds an
+*implied* ratio: AdamW's median step time over the same step with AdamW's ``optimizer.step()``
+time replaced by this optimizer's. Forward, backward, data loading and logging are the same
+computation whichever optimizer runs, so this ratio keeps the optimizer's real cost and drops
+most of the noise. Targets are judged on both (measured / implied). The recipes
 train their tiny models on one intra-op thread (their own choice); ``gpt2-5m`` runs on
 ``--threads`` (1 by default: on a shared 2-core machine two threads were 4-5x slower whenever
 another process held a core).
@@ -113,15 +120,25 @@ CONTENDERS = (
 
 
 class StepClock(TrainerCallback):
-    """Notes the wall time of every optimizer step's end, of every evaluation, and of the start."""
+    """Notes the wall time of every step's end, of every evaluation and of the start, and how long
+    each ``optimizer.step()`` took (between ``on_pre_optimizer_step`` and ``on_optimizer_step``)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
         self.step_end: dict[int, float] = {}
+        self.optimizer_seconds: dict[int, float] = {}  # step number (1-based) -> optimizer.step() time
         self.evaluations: list[tuple[int, float]] = []  # (global step, time the evaluation ended)
+        self._before_optimizer = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._before_optimizer = time.perf_counter()
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # global_step is incremented after this hook: the step being taken is global_step + 1
+        self.optimizer_seconds[state.global_step + 1] = time.perf_counter() - self._before_optimizer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.step_end[state.global_step] = time.perf_counter()
@@ -279,6 +296,10 @@ def measure(workload: Workload, contender: Contender, warmup: int, measured: int
     wall = time.perf_counter() - t0
     seconds = clock.window_seconds(warmup, total)
     cycles = [clock.window_seconds(start, start + CYCLE) for start in range(warmup, total, CYCLE)]
+    optimizer_cycles = [
+        sum(clock.optimizer_seconds.get(i, math.nan) for i in range(start + 1, start + CYCLE + 1))
+        for start in range(warmup, total, CYCLE)
+    ]
     history = info.pop("log_history")
     train_metrics = next((e for e in reversed(history) if "train_samples_per_second" in e), {})
     losses = [e["loss"] for e in history if "loss" in e]
@@ -286,6 +307,9 @@ def measure(workload: Workload, contender: Contender, warmup: int, measured: int
         "samples_per_second": CYCLE * workload.batch_size / statistics.median(cycles),
         "window_samples_per_second": measured * workload.batch_size / seconds,
         "cycle_seconds": cycles,
+        "step_ms": statistics.median(cycles) * 1e3 / CYCLE,
+        "optimizer_ms": statistics.median(optimizer_cycles) * 1e3 / CYCLE,
+        "optimizer_cycle_seconds": optimizer_cycles,
         "measured_seconds": seconds,
         "warmup_seconds": clock.step_end[warmup] - clock.start,
         "trainer_train_samples_per_second": train_metrics.get("train_samples_per_second"),
@@ -328,13 +352,15 @@ def report(
     warmup: int,
     measured: int,
 ) -> dict:
-    medians = {
-        label: statistics.median(s["samples_per_second"] for s in runs) for label, runs in samples.items()
-    }
-    base = medians.get(BASELINE)
+    def median_of(label: str, key: str) -> float:
+        return statistics.median(s[key] for s in samples[label])
+
+    base = median_of(BASELINE, "samples_per_second") if BASELINE in samples else None
+    base_step = median_of(BASELINE, "step_ms") if base else None
+    base_opt = median_of(BASELINE, "optimizer_ms") if base else None
     header = (
-        f"{'optimizer':<48} {'median samples/s':>16} {'min':>8} {'max':>8} {'x AdamW':>8} "
-        f"{'Trainer s/s':>11} {'last loss':>9}  target"
+        f"{'optimizer':<48} {'samples/s':>9} {'min':>7} {'max':>7} {'x AdamW':>8} {'step ms':>8} "
+        f"{'opt ms':>7} {'implied':>8} {'last loss':>9}  target (measured / implied)"
     )
     print(header)
     print("-" * len(header))
@@ -342,23 +368,30 @@ def report(
     for contender in contenders:
         runs = samples[contender.label]
         values = [s["samples_per_second"] for s in runs]
-        med = medians[contender.label]
+        med = median_of(contender.label, "samples_per_second")
+        step_ms, opt_ms = median_of(contender.label, "step_ms"), median_of(contender.label, "optimizer_ms")
         ratio = med / base if base else None
+        # the same step with AdamW's optimizer.step() swapped for this one: forward, backward, data
+        # and logging are the same computation for every optimizer, so this drops their noise
+        implied = base_step / (base_step - base_opt + opt_ms) if base else None
         paired = []
         if base and contender.label != BASELINE:  # round r of this contender against round r of AdamW
             paired = [
                 s["samples_per_second"] / b["samples_per_second"] for s, b in zip(runs, samples[BASELINE])
             ]
         met = None if contender.target is None or ratio is None else ratio >= contender.target
-        trainer_sps = [
-            s["trainer_train_samples_per_second"] for s in runs if s["trainer_train_samples_per_second"]
-        ]
+        implied_met = None if contender.target is None or implied is None else implied >= contender.target
         loss = runs[-1]["last_logged_loss"]
-        verdict = "" if met is None else f"{'MET' if met else 'MISSED'} (>= {contender.target:.2f}x)"
+        verdict = (
+            ""
+            if met is None
+            else f"{'MET' if met else 'MISSED'} / {'MET' if implied_met else 'MISSED'} "
+            f"(>= {contender.target:.2f}x)"
+        )
         print(
-            f"{contender.label:<48} {med:>16.1f} {min(values):>8.1f} {max(values):>8.1f} "
-            f"{(f'{ratio:.3f}x' if ratio else '-'):>8} "
-            f"{(statistics.median(trainer_sps) if trainer_sps else math.nan):>11.1f} "
+            f"{contender.label:<48} {med:>9.1f} {min(values):>7.1f} {max(values):>7.1f} "
+            f"{(f'{ratio:.3f}x' if ratio else '-'):>8} {step_ms:>8.2f} {opt_ms:>7.2f} "
+            f"{(f'{implied:.3f}x' if implied else '-'):>8} "
             f"{(loss if loss is not None else math.nan):>9.4f}  {verdict}"
         )
         row = {
@@ -371,15 +404,33 @@ def report(
             "ratio_vs_adamw": ratio,
             "paired_ratios_vs_adamw": paired,
             "median_paired_ratio_vs_adamw": statistics.median(paired) if paired else None,
+            "median_step_ms": step_ms,
+            "median_optimizer_ms": opt_ms,
+            "implied_ratio_vs_adamw": implied,
             "target": contender.target,
             "met": met,
+            "implied_met": implied_met,
             "runs": runs,
         }
         rows.append(row)
         if contender.target is not None:
-            targets.append({"label": contender.label, "target": contender.target, "ratio": ratio, "met": met})
+            targets.append(
+                {
+                    "label": contender.label,
+                    "target": contender.target,
+                    "ratio": ratio,
+                    "met": met,
+                    "implied_ratio": implied,
+                    "implied_met": implied_met,
+                }
+            )
         if loss is not None and not math.isfinite(loss):
             print(f"  note: {contender.label} ended with a non-finite loss; its timing may not be typical")
+    print(
+        "(samples/s: median over rounds of each run's median 10-step cycle; step ms, opt ms: the same for "
+        "the whole step and for optimizer.step() alone; implied: AdamW's step time / (AdamW's step time - "
+        "AdamW's opt ms + this opt ms))"
+    )
     spread = [r for r in rows if len(r["samples_per_second"]) > 1 and _spread(r["samples_per_second"]) > 0.1]
     if spread:
         print(
@@ -387,10 +438,12 @@ def report(
             "the machine was busy. Medians of interleaved rounds keep the ratios comparable."
         )
     missed = [t["label"] for t in targets if t["met"] is False]
+    implied_missed = [t["label"] for t in targets if t["implied_met"] is False]
     print(
-        f"targets on {workload.name}: "
+        f"targets on {workload.name} (measured): "
         + ("all MET" if not missed else f"MISSED by {', '.join(missed)}")
-        + f" ({sum(t['met'] is True for t in targets)} of {len(targets)} met)"
+        + f" ({sum(t['met'] is True for t in targets)} of {len(targets)} met); implied: "
+        + ("all MET" if not implied_missed else f"MISSED by {', '.join(implied_missed)}")
     )
     return {
         "workload": workload.name,
@@ -487,14 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_workload(w, contenders, args) for w in workloads]
     elapsed = time.perf_counter() - t0
 
-    print("\n== summary: throughput x adamw_torch_fused (median of rounds) ==")
-    print(f"{'optimizer':<48} " + " ".join(f"{r['workload']:>16}" for r in results))
+    print("\n== summary: throughput x adamw_torch_fused, measured (median of rounds) / implied ==")
+    print(f"{'optimizer':<48} " + " ".join(f"{r['workload']:>24}" for r in results))
     for contender in contenders:
         cells = []
         for result in results:
             row = next(x for x in result["rows"] if x["label"] == contender.label)
             mark = "" if row["met"] is None else (" MET" if row["met"] else " MISSED")
-            cells.append(f"{row['ratio_vs_adamw']:.3f}x{mark}".rjust(16))
+            cells.append(
+                f"{row['ratio_vs_adamw']:.3f}x{mark} / {row['implied_ratio_vs_adamw']:.3f}x".rjust(24)
+            )
         print(f"{contender.label:<48} " + " ".join(cells))
     print(f"\ntotal benchmark time {elapsed:.1f} s")
 
