@@ -108,12 +108,6 @@ class Structure:
         t.diagonal(dim1=-2, dim2=-1).add_(alpha)
         return t
 
-    def apply_axis(self, t: Tensor, x: Tensor, axis: int, transpose: bool = False) -> Tensor:
-        """Multiply one K (or Kᵀ), unbatched storage, onto axis ``axis`` of the tensor ``x``."""
-        moved = x.movedim(axis, 0)
-        out = self.apply(t.unsqueeze(0), moved.reshape(1, self.dim, -1), transpose)
-        return out.reshape(moved.shape).movedim(0, axis)
-
     # -- the cached preconditioner K Kᵀ ----------------------------------------------------------
     def kkt(self, t: Tensor) -> Tensor:
         """K Kᵀ in the form :meth:`apply_kkt` uses (dense (n, d, d) unless said otherwise)."""
