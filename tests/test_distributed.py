@@ -30,7 +30,7 @@ def torchrun(script: str, *args: str, tmp_path: Path) -> None:
         str(SCRIPTS / script),
         *args,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
 
 

@@ -20,6 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
+from _teardown import leave
+
 import hf_rootfree
 
 GLOBAL_BATCH = 16
@@ -119,8 +121,8 @@ def main() -> None:
         report[name] = entry
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    leave()  # not dist.destroy_process_group(): see _teardown.py

@@ -25,6 +25,8 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
+from _teardown import leave
+
 import hf_rootfree
 
 GLOBAL_BATCH, STEPS, RESUME_AT = 16, 6, 3
@@ -131,9 +133,9 @@ def main() -> None:
         }
     if rank == 0:
         Path(sys.argv[1]).write_text(json.dumps(report, indent=2))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory():
         main()
+    leave()  # not dist.destroy_process_group(): see _teardown.py

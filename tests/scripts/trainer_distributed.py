@@ -21,6 +21,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
+from _teardown import leave
+
 import hf_rootfree  # registers the --optim names
 
 NAMES = list(hf_rootfree.OPTIMIZERS)
@@ -133,3 +135,4 @@ def full_parameters_of(module: torch.nn.Module) -> torch.Tensor:
 
 if __name__ == "__main__":
     main()
+    leave()  # not dist.destroy_process_group(): see _teardown.py
