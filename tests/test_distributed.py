@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from optim_db import NAMES
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
 
 def torchrun(script: str, *args: str, tmp_path: Path) -> None:
@@ -69,13 +71,63 @@ def test_fsdp2_sharded_parameters_train_like_one_process_and_resume_from_a_shard
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)  # bitwise, through DCP
 
 
-def test_trainer_ddp_every_name_keeps_ranks_equal_uses_the_global_batch_and_resumes_exactly(tmp_path):
-    torchrun("trainer_distributed.py", str(tmp_path), tmp_path=tmp_path)
-    report = json.loads((tmp_path / "report.json").read_text())
+def accelerate_launch(config: Path, *args: str, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--mixed_precision",
+        "no",  # the configs' bf16 is for GPUs; the comparisons here are in fp32
+        "--main_process_port",
+        "0",  # a free port
+        *args,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+
+
+@pytest.fixture(scope="module")
+def trainer_ddp_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_ddp")  # accelerate launch --config_file recipes/configs/ddp.yaml
+    accelerate_launch(CONFIGS / "ddp.yaml", str(SCRIPTS / "trainer_distributed.py"), str(out), tmp_path=out)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_trainer_ddp_every_name_keeps_ranks_equal_uses_the_global_batch_and_resumes_exactly(
+    trainer_ddp_report,
+):
+    report = trainer_ddp_report
     assert sorted(report) == sorted(NAMES)
     for name, entry in report.items():
         assert entry["world_size"] == 2 and entry["ranks_equal"], name
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)
         assert entry["moved"] > 1e-3, name
-        if name != "adax":  # B = 4 per device × 2 processes
-            assert entry["batch_size"] == 8, (name, entry)
+        assert not entry["sharded_parameters"], name
+        assert "optimizer.pt" in entry["checkpoint"], name
+        assert entry["batch_size"] == (None if name == "adax" else 8), name  # 4 per device x 2 processes
+
+
+@pytest.mark.parametrize("route", ["accelerate-config", "training-arguments"])
+def test_trainer_fsdp2_every_name_shards_checkpoints_resumes_exactly_and_matches_ddp(
+    trainer_ddp_report, route, tmp_path
+):
+    script = str(SCRIPTS / "trainer_distributed.py")
+    if route == "accelerate-config":  # accelerate launch --config_file recipes/configs/fsdp2.yaml
+        accelerate_launch(CONFIGS / "fsdp2.yaml", script, str(tmp_path), "accelerate", tmp_path=tmp_path)
+    else:  # TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...}) under torchrun
+        torchrun("trainer_distributed.py", str(tmp_path), "fsdp2", tmp_path=tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(report) == sorted(NAMES)
+    for name, entry in report.items():
+        assert entry["sharded_parameters"], name  # DTensor parameters: FSDP2 really ran
+        assert {"optimizer_0", "pytorch_model_fsdp_0"} <= set(entry["checkpoint"]), name  # sharded (DCP)
+        assert entry["world_size"] == 2 and entry["ranks_equal"], name
+        assert entry["resume_max_abs_diff"] == 0.0, (name, entry)
+        assert entry["batch_size"] == trainer_ddp_report[name]["batch_size"], name
+        assert entry["moved"] > 1e-3, name
+        sharded, replicated = torch.tensor(entry["final"]), torch.tensor(trainer_ddp_report[name]["final"])
+        error = float((sharded - replicated).abs().max())
+        assert error <= 1e-6, (name, error)  # fp32 tolerance: the same global batch, reduced differently

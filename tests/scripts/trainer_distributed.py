@@ -3,9 +3,12 @@
 Run with ``torchrun --nproc_per_node 2 trainer_distributed.py OUT``. For each name it trains a
 tiny GPT-2 for 4 steps with a checkpoint at step 2, resumes a fresh Trainer from that checkpoint,
 and rank 0 writes OUT/report.json: whether all ranks hold the same parameters, whether the resumed
-run ended where the uninterrupted one did, the losses and the B the optimizer got. (``... OUT
-fsdp2`` asks TrainingArguments for FSDP2; on CPU the Trainer does not apply it yet, which the
-report's ``sharded_parameters`` shows.)
+run ended where the uninterrupted one did, the losses, the B the optimizer got and the final
+parameters.
+
+A second argument picks FSDP2 instead of DDP: ``fsdp2`` asks for it through TrainingArguments
+(``fsdp``/``fsdp_config``), ``accelerate`` takes it from ``accelerate launch --config_file
+recipes/configs/fsdp2.yaml`` (the launcher's environment); see :func:`allow_fsdp_on_cpu`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from _teardown import leave
 import hf_rootfree  # registers the --optim names
 
 NAMES = list(hf_rootfree.OPTIMIZERS)
+#: ``ddp`` (default); ``fsdp2``: FSDP2 asked for through TrainingArguments; ``accelerate``: as set
+#: up by ``accelerate launch --config_file`` (its environment variables), nothing in the script
+MODE = sys.argv[2] if len(sys.argv) > 2 else "ddp"
 LR = {
     "rootfree_adamw": 0.3,
     "rootfree_rmsprop": 0.03,
@@ -74,7 +80,7 @@ FSDP2 = {
 
 
 def args(out: Path, name: str, **extra) -> TrainingArguments:
-    if sys.argv[2:] == ["fsdp2"]:
+    if MODE == "fsdp2":
         extra.update(FSDP2)
     return TrainingArguments(
         output_dir=str(out),
@@ -96,9 +102,34 @@ def args(out: Path, name: str, **extra) -> TrainingArguments:
     )
 
 
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP2 path run on CPU processes (gloo).
+
+    accelerate 1.x turns a ``fsdp_plugin`` into ``DistributedType.FSDP`` only for accelerator
+    devices; on CPU it stays ``MULTI_CPU`` and the Trainer falls back to DDP, unsharded. FSDP2
+    itself (``fully_shard``, DTensor, DCP) works on CPU with gloo, so the test promotes the state
+    after accelerate has built it; everything after that (``fsdp2_prepare_model``, the sharded
+    optimizer save and load) is accelerate's and the Trainer's own code.
+    """
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    build = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs) -> None:
+        build(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
+    if MODE != "ddp":
+        allow_fsdp_on_cpu()
     report = {}
     for name in NAMES:
         first = Trainer(model=model(), args=args(out / name, name), train_dataset=Tokens())
@@ -124,6 +155,7 @@ def main() -> None:
             "batch_size": optimizer.defaults.get("batch_size"),
             "sharded_parameters": any(hasattr(p, "full_tensor") for p in first.model.parameters()),
             "checkpoint": sorted(f.name for f in (out / name / "checkpoint-2").iterdir()),
+            "final": uninterrupted.tolist(),
         }
     if dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps(report, indent=2))
