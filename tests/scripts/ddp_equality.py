@@ -1,4 +1,4 @@
-"""Every optimizer under DDP (run with ``torchrun --nproc_per_node 2``, gloo, CPU).
+"""Every optimizer under DDP in a plain accelerate loop (``torchrun --nproc_per_node 2``, gloo, CPU).
 
 After a few steps each rank must hold bitwise-identical parameters and optimizer state, equal to
 fp32 tolerance to one process stepping on the same global batch. Rank 0 writes a JSON report to
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from accelerate import Accelerator
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
@@ -71,19 +71,21 @@ def flat(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int) -> None:
+def train(
+    model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, backward=Tensor.backward
+) -> None:
     local = GLOBAL_BATCH // world
     for step in range(STEPS):
         tokens, labels = data(step)
         tokens, labels = tokens[rank * local : (rank + 1) * local], labels[rank * local : (rank + 1) * local]
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(tokens), labels).backward()
+        backward(nn.functional.cross_entropy(model(tokens), labels))
         optimizer.step()
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    accelerator = Accelerator(cpu=True)  # sets up the gloo process group from torchrun's environment
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.set_num_threads(1)
     report = {}
     for name, (cls, kwargs) in CASES.items():
@@ -92,12 +94,11 @@ def main() -> None:
         single = copy.deepcopy(model)
         initial = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
         batch = {} if cls is hf_rootfree.AdaX else {"batch_size": GLOBAL_BATCH}
-        ddp = DistributedDataParallel(model)
-        optimizer = cls(model.parameters(), **kwargs, **batch)
+        ddp, prepared = accelerator.prepare(model, cls(model.parameters(), **kwargs, **batch))
         began = time.perf_counter()
-        train(ddp, optimizer, rank, world)
+        train(ddp, prepared, rank, world, accelerator.backward)
         seconds = time.perf_counter() - began
-        vector = flat(model, optimizer)
+        vector = flat(model, prepared.optimizer)
         gathered = [torch.empty_like(vector) for _ in range(world)]
         dist.all_gather(gathered, vector)
         entry = {
