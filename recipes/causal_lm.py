@@ -149,6 +149,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
+    common.check_launch(training_args)
     set_seed(training_args.seed)  # before the model is built: its initial weights follow --seed
 
     # 1. Data: the generated grammar, a Hub dataset, or local files; "train" and "validation".
@@ -271,7 +272,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         command=common.command_line(argv, "causal_lm.py"),  # --hub_token redacted
         pretrained=model_args.model_name_or_path,
     )
-    common.write_run_record(record)
+    common.write_run_record(record, trainer)
     trainer.card_record = record
     trainer.create_model_card()
     if training_args.push_to_hub:

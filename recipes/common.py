@@ -30,6 +30,7 @@ import hf_rootfree  # noqa: E402  (registers the --optim names before any Traini
 
 __all__ = [
     "CardTrainer",
+    "check_launch",
     "command_line",
     "hf_rootfree",
     "load_metric",
@@ -90,9 +91,40 @@ def redact(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def check_launch(training_args: Any) -> None:
+    """Refuse a multi-process launch in which the processes would not train together.
+
+    ``accelerate launch`` with a multi-GPU config on a machine without GPUs starts the processes,
+    but without ``--use_cpu`` the Trainer sets up no process group: each process would train alone
+    on all the data and write the same output directory.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise ValueError(
+            f"this recipe was launched as {launched} processes, but the Trainer is not distributed "
+            "(no GPU was found, so it set up no process group). To train on CPU processes pass "
+            "--use_cpu true --ddp_backend gloo; to train on one process, launch one."
+        )
+
+
 def command_line(argv: Sequence[str], script: str) -> str:
-    """The shell command that reruns this recipe with these arguments (secrets redacted)."""
-    return " ".join(["python", f"recipes/{script}", *(shlex.quote(a) for a in redact(argv))])
+    """The shell command that reruns this recipe with these arguments (secrets redacted).
+
+    Under ``accelerate launch`` (or ``torchrun``) with several processes it is the ``accelerate
+    launch`` command with the process count, mixed precision and FSDP version the launcher set.
+    """
+    launcher = ["python"]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        launcher = ["accelerate", "launch", "--num_processes", str(processes)]
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            launcher += ["--use_fsdp", "--fsdp_version", os.environ.get("FSDP_VERSION", "1")]
+        else:
+            launcher.append("--multi_gpu")
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if precision != "no":
+            launcher += ["--mixed_precision", precision]
+    return " ".join([*launcher, f"recipes/{script}", *(shlex.quote(a) for a in redact(argv))])
 
 
 def run_record(
@@ -155,10 +187,12 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def write_run_record(record: dict[str, Any]) -> Path:
+def write_run_record(record: dict[str, Any], trainer: Any) -> Path:
+    """Write ``run_result.json`` into the output directory, from the main process only."""
     path = Path(record["output_dir"]) / "run_result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if trainer.is_world_process_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

@@ -313,6 +313,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=argv, look_for_args_file=False
     )
+    common.check_launch(training_args)
     set_seed(training_args.seed)  # before the model is built: its initial weights follow --seed
 
     train, validation, dataset_name = load_splits(data_args, model_args)
@@ -398,7 +399,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         command=common.command_line(argv, "image_classification.py"),
         pretrained=model_args.model_name_or_path,
     )
-    common.write_run_record(record)
+    common.write_run_record(record, trainer)
     trainer.card_record = record
     trainer.create_model_card()  # <output_dir>/README.md from model_cards/template.md
     if training_args.push_to_hub:

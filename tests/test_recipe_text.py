@@ -313,3 +313,54 @@ def test_generated_grammar_main_verb_agrees_with_the_subject_across_relative_cla
         verb = rest[0]
         assert verb in (plural if nouns[subject] else singular), sentence
     assert relative > 100
+
+
+def test_causal_lm_recipe_runs_under_accelerate_launch_with_the_ddp_config_on_two_processes(tmp_path):
+    import os
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(RECIPES / "configs" / "ddp.yaml"),
+        "--mixed_precision",
+        "no",  # the config's bf16 is for GPUs
+        "--main_process_port",
+        "0",
+        str(RECIPES / "causal_lm.py"),
+        *SMOKE,
+        "--optim",
+        "sirfshampoo",
+        "--per_device_train_batch_size",
+        "8",
+        "--use_cpu",  # CPU processes: without it the Trainer sets up no process group
+        "true",
+        "--ddp_backend",
+        "gloo",
+        "--output_dir",
+        str(tmp_path),
+        *QUIET,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "run_result.json").read_text())
+    assert record["global_batch_size"] == 16  # 8 per process x 2 processes: B of the optimizer
+    assert record["hyperparameters"]["batch_size"] == 16
+    assert math.isfinite(record["eval_metrics"]["eval_perplexity"])
+    launcher = "accelerate launch --num_processes 2 --multi_gpu recipes/causal_lm.py "
+    assert record["command"].startswith(launcher)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert record["command"] in card.text and "This run used 2 processes" in card.text
+
+
+def test_a_multi_process_launch_that_would_train_each_process_alone_is_refused(monkeypatch, tmp_path):
+    import common
+    from transformers import TrainingArguments
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched as two processes, but no process group set up
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(ValueError, match=r"launched as 2 processes.*--use_cpu true --ddp_backend gloo"):
+        common.check_launch(args)
