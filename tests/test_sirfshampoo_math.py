@@ -253,6 +253,13 @@ ORACLE_CASES = [
         overrides=dict(momentum=0.0),
     ),
     OracleCase(
+        "dense-wide-axes",  # d ≥ 256: the symmetric products run in row strips (257: uneven ones)
+        [(300, 257), (259,)],
+        dict(structures="dense", merge_dims=False),
+        [(300, 257), (259,)],
+        [("dense", "dense"), ("dense",)],
+    ),
+    OracleCase(
         "model-share_bias",
         [],  # the parameters of ShareBiasNet
         dict(structures="dense"),

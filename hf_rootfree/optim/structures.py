@@ -100,13 +100,38 @@ class Structure:
         return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
     def max_abs(self, t: Tensor) -> Tensor:
-        """max |K_ij|, shape (n,)."""
-        return t.flatten(1).abs().amax(dim=1)
+        """max |K_ij|, shape (n,) (NaN when K holds one)."""
+        flat = t.flatten(1)
+        return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg())  # no |K| temporary
 
     def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
         """t ← t + alpha·I in place."""
         t.diagonal(dim1=-2, dim2=-1).add_(alpha)
         return t
+
+    # -- the two steps of a factor update ---------------------------------------------------------
+    def momentum_step(
+        self,
+        t: Tensor,
+        x: Tensor,
+        inner_scale: Tensor | float,
+        gram_scale: float,
+        m: Tensor | None,
+        alpha2: float,
+    ) -> Tensor:
+        """α2·m + (1 − α2)·[inner_scale·project(KᵀK) + gram_scale·project(X Xᵀ) − ½·I].
+
+        ``inner_scale`` is a float or one value per batch entry (n,); ``m`` None means α2 = 0.
+        """
+        step = _times(self.inner(t), inner_scale) + self.gram(x) * gram_scale
+        self.add_identity_(step, -0.5)
+        if m is None:
+            return step
+        return m * alpha2 + step * (1 - alpha2)
+
+    def multiplicative_step(self, t: Tensor, m: Tensor, scale: Tensor) -> Tensor:
+        """K − scale·K·m, ``scale`` one value per batch entry (n,)."""
+        return t - _times(self.matmul(t, m), scale)
 
     # -- the cached preconditioner K Kᵀ ----------------------------------------------------------
     def kkt(self, t: Tensor) -> Tensor:
@@ -147,6 +172,33 @@ class Dense(Structure):
 
     def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return (t.mT if transpose else t) @ x
+
+    # NOTE: the two steps and K Kᵀ below fold the scalings and sums of the update into the
+    # products (``baddbmm``) and compute symmetric results as one block triangle: the same terms,
+    # summed in another order, with far fewer d × d temporaries. Low-precision factors take the
+    # generic steps, whose combination runs in float32.
+    def momentum_step(
+        self,
+        t: Tensor,
+        x: Tensor,
+        inner_scale: Tensor | float,
+        gram_scale: float,
+        m: Tensor | None,
+        alpha2: float,
+    ) -> Tensor:
+        if t.dtype in _LOW_PRECISION:
+            return super().momentum_step(t, x, inner_scale, gram_scale, m, alpha2)
+        weighted = _times(t, inner_scale * (1 - alpha2))
+        out = _symmetric_sum(m, alpha2, [(weighted.mT, t, 1.0), (x, x.mT, gram_scale * (1 - alpha2))])
+        return self.add_identity_(out, -(1 - alpha2) / 2)
+
+    def multiplicative_step(self, t: Tensor, m: Tensor, scale: Tensor) -> Tensor:
+        if t.dtype in _LOW_PRECISION:
+            return super().multiplicative_step(t, m, scale)
+        return torch.baddbmm(t, t, _times(m, -scale))
+
+    def kkt(self, t: Tensor) -> Tensor:
+        return _symmetric_sum(None, 0.0, [(t, t.mT, 1.0)])
 
 
 class Diagonal(Structure):
@@ -382,6 +434,43 @@ class Hierarchical(Structure):
 
     def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return (t.mT if transpose else t) @ x
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: a symmetric product of matrices this wide or wider is computed as its upper block triangle
+_SYMMETRIC_MIN_DIM = 256
+_SYMMETRIC_STRIPS = 4
+
+
+def _symmetric_sum(base: Tensor | None, beta: float, terms: list[tuple[Tensor, Tensor, float]]) -> Tensor:
+    """beta·base + Σ alpha·(left @ right) over ``terms`` (no base: 0), for a sum known to be
+    symmetric (n, d, d).
+
+    For d ≥ 256 only the row strips right of the diagonal are multiplied out (4 strips: 5/8 of the
+    work of the full products; each entry is the same dot product) and the rest is mirrored.
+    """
+    n, d = terms[0][0].shape[:2]
+    out = torch.empty(n, d, d, dtype=terms[0][0].dtype, device=terms[0][0].device)
+    width = d if d < _SYMMETRIC_MIN_DIM else -(-d // _SYMMETRIC_STRIPS)
+    for i in range(0, d, width):
+        rows, strip = slice(i, i + width), out[:, i : i + width, i:]
+        for k, (left, right, alpha) in enumerate(terms):
+            if k == 0:  # beta = 0 ignores the input (the uninitialized strip) entirely
+                start = strip if base is None else base[:, rows, i:]
+                torch.baddbmm(start, left[:, rows], right[:, :, i:], beta=beta, alpha=alpha, out=strip)
+            else:
+                strip.baddbmm_(left[:, rows], right[:, :, i:], alpha=alpha)
+        if i + width < d:
+            out[:, i + width :, rows] = strip[:, :, width:].mT
+    return out
+
+
+def _times(t: Tensor, per_batch: Tensor | float) -> Tensor:
+    """Multiply each batch entry of ``t`` by its scalar (or all by one float)."""
+    if not torch.is_tensor(per_batch):
+        return t * per_batch
+    return t * per_batch.reshape(-1, *([1] * (t.dim() - 1)))
 
 
 @functools.lru_cache(maxsize=64)
