@@ -353,6 +353,49 @@ def test_weight_and_bias_share_one_block_when_the_model_is_given() -> None:
     ]
 
 
+def test_gpt2_conv1d_weights_share_their_block_with_the_bias_as_out_by_in_plus_one() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+    blocks = {b["name"]: b for b in SIRFShampoo(model.parameters(), model=model, batch_size=4).blocks()}
+    # Conv1D keeps its weight as (in, out): c_attn is (16, 48) and its bias (48,)
+    assert blocks["transformer.h.0.attn.c_attn.weight"]["shapes"] == [(16, 48), (48,)]
+    assert blocks["transformer.h.0.attn.c_attn.weight"]["dims"] == (48, 17)
+    assert blocks["transformer.h.0.mlp.c_fc.weight"]["dims"] == (64, 17)
+    assert "transformer.h.0.attn.c_attn.bias" not in blocks
+
+
+def test_a_conv1d_layer_trains_exactly_like_the_linear_layer_holding_its_transposed_weight() -> None:
+    """The (in, out) storage of transformers' Conv1D changes nothing: its block is the Linear's."""
+    from transformers.pytorch_utils import Conv1D
+
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Sequential(Conv1D(6, 5)).double()
+    linear = nn.Sequential(nn.Linear(5, 6)).double()
+    with torch.no_grad():
+        conv[0].weight.copy_(torch.randn(5, 6, generator=gen, dtype=torch.float64))
+        conv[0].bias.copy_(torch.randn(6, generator=gen, dtype=torch.float64))
+        linear[0].weight.copy_(conv[0].weight.T)
+        linear[0].bias.copy_(conv[0].bias)
+    hyper = {**COMMON, "update_freq": 2, "structures": "dense"}
+    opt_conv = SIRFShampoo(conv.parameters(), model=conv, **hyper)
+    opt_linear = SIRFShampoo(linear.parameters(), model=linear, **hyper)
+    assert opt_conv.blocks()[0]["dims"] == opt_linear.blocks()[0]["dims"] == (6, 6)
+    for _ in range(STEPS):
+        g_weight = GRAD_SCALE * torch.randn(6, 5, generator=gen, dtype=torch.float64)
+        g_bias = GRAD_SCALE * torch.randn(6, generator=gen, dtype=torch.float64)
+        conv[0].weight.grad, conv[0].bias.grad = g_weight.T.clone(), g_bias.clone()
+        linear[0].weight.grad, linear[0].bias.grad = g_weight, g_bias.clone()
+        opt_conv.step()
+        opt_linear.step()
+    assert distance_from_identity(opt_linear.dense_factors(linear[0].weight)[0]) > 0.02  # not vacuous
+    torch.testing.assert_close(conv[0].weight.T, linear[0].weight, rtol=1e-12, atol=0)
+    torch.testing.assert_close(conv[0].bias, linear[0].bias, rtol=1e-12, atol=0)
+    theirs = opt_linear.dense_factors(linear[0].weight)
+    for ours, expected in zip(opt_conv.dense_factors(conv[0].weight), theirs, strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=0)
+
+
 def test_the_oracle_shape_rule_merges_left_to_right_under_the_limit() -> None:
     """The oracle's own rule, on the docstring's examples (the oracle must be right too)."""
     assert preconditioned_shape((64, 32, 3, 3), True, 1024) == (64, 288)

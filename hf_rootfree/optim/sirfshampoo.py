@@ -178,6 +178,7 @@ class _Block:
     dtype: torch.dtype
     hyper: tuple[Any, ...]  # the group's _PRECOND_KEYS values
     name: str | None
+    transposed: bool = False  # a weight stored (in, out), as transformers' Conv1D keeps it
 
     @property
     def owner(self) -> Tensor:
@@ -204,6 +205,8 @@ class _Block:
         if len(grads) == 1:
             return grads[0].reshape(self.dims)
         weight, bias = grads
+        if self.transposed:
+            weight = weight.mT
         return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1)], dim=1)
 
     def split(self, update: Tensor) -> list[Tensor]:
@@ -211,7 +214,7 @@ class _Block:
             return [update.reshape(self.params[0].shape)]
         weight, bias = self.params
         w, b = update.split([update.shape[1] - 1, 1], dim=1)
-        return [w.reshape(weight.shape), b.reshape(bias.shape)]
+        return [w.mT if self.transposed else w.reshape(weight.shape), b.reshape(bias.shape)]
 
 
 class SIRFShampoo(Optimizer):
@@ -273,9 +276,10 @@ class SIRFShampoo(Optimizer):
         large_dim_structure: ``"diagonal"`` or ``"block_diagonal"``, for axes over
             ``max_dense_dim``.
         model: optional ``nn.Module`` the parameters belong to. It names layers in
-            :meth:`diagnostics` and, with ``share_bias``, lets a Linear/Conv layer's weight and bias
-            share one preconditioner (the bias is appended as a last column, as in
-            ``sirfshampoo``'s ``LinearWeightBias``).
+            :meth:`diagnostics` and, with ``share_bias``, lets a layer's weight and bias share one
+            preconditioner (the bias is appended as a last column, as in ``sirfshampoo``'s
+            ``LinearWeightBias``): ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers' ``Conv1D``
+            (GPT-2), whose (in, out) weight is preconditioned as (out, in).
         share_bias: see ``model``; ignored without it. The weight's and the bias's groups must
             both allow it and agree on every preconditioner option (they may differ in ``lr``,
             ``momentum`` and ``weight_decay``, which act after preconditioning).
@@ -422,44 +426,53 @@ class SIRFShampoo(Optimizer):
             return self._blocks_cache[1]
         group_of = {p: g for g in self.param_groups for p in g["params"]}
         names = {}
-        pairs: dict[Tensor, Tensor] = {}  # weight -> bias
+        pairs: dict[Tensor, tuple[Tensor, bool]] = {}  # weight -> (bias, weight stored (in, out))
         if self._model is not None:
             names = {p: n for n, p in self._model.named_parameters()}
             pairs = self._weight_bias_pairs(group_of)
-        paired_biases = set(pairs.values())
+        paired_biases = {bias for bias, _ in pairs.values()}
         blocks = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p in paired_biases:
                     continue
-                members = [p, pairs[p]] if p in pairs else [p]
-                blocks.append(self._make_block(members, group, names.get(p)))
+                bias, transposed = pairs.get(p, (None, False))
+                members = [p] if bias is None else [p, bias]
+                blocks.append(self._make_block(members, group, names.get(p), transposed))
         self._blocks_cache = (key, blocks)
         self._group_map = group_of
         return blocks
 
-    def _weight_bias_pairs(self, group_of: dict[Tensor, dict[str, Any]]) -> dict[Tensor, Tensor]:
+    def _weight_bias_pairs(self, group_of: dict[Tensor, dict[str, Any]]) -> dict[Tensor, tuple[Tensor, bool]]:
+        """Layers whose weight and bias share a block: Linear, Conv1d/2d/3d, and transformers'
+        ``Conv1D`` (GPT-2 and relatives), whose weight is stored transposed as (in, out)."""
         pairs = {}
         conv = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for module in self._model.modules():
-            if not isinstance(module, conv):
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if not isinstance(weight, nn.Parameter) or not isinstance(bias, nn.Parameter):
                 continue
-            weight, bias = module.weight, getattr(module, "bias", None)
-            if not isinstance(bias, nn.Parameter) or weight not in group_of or bias not in group_of:
+            transposed = type(module).__name__ == "Conv1D" and weight.dim() == 2
+            if not (isinstance(module, conv) or transposed) or weight not in group_of or bias not in group_of:
                 continue
-            if weight.shape[0] != bias.numel() or weight.dim() < 2 or weight.shape[0] == 1:
+            out = weight.shape[1] if transposed else weight.shape[0]
+            if weight.dim() < 2 or out != bias.numel() or out == 1:
                 continue
             gw, gb = group_of[weight], group_of[bias]
             if not (gw["share_bias"] and gb["share_bias"]):
                 continue
             if any(gw[k] != gb[k] for k in _PRECOND_KEYS) or weight.dtype != bias.dtype:
                 continue
-            pairs[weight] = bias
+            pairs[weight] = (bias, transposed)
         return pairs
 
-    def _make_block(self, members: list[Tensor], group: dict[str, Any], name: str | None) -> _Block:
+    def _make_block(
+        self, members: list[Tensor], group: dict[str, Any], name: str | None, transposed: bool = False
+    ) -> _Block:
         owner = members[0]
-        if len(members) == 2:
+        if len(members) == 2 and transposed:  # weight (in, out), bias as a last column: (out, in + 1)
+            dims = (owner.shape[1], owner.shape[0] + 1)
+        elif len(members) == 2:  # weight (out, …), bias as a last column
             dims = (owner.shape[0], owner[0].numel() + 1)
         else:
             dims = preconditioned_shape(owner.shape, group["merge_dims"], group["max_dense_dim"])
@@ -479,7 +492,7 @@ class SIRFShampoo(Optimizer):
         else:
             dtype = torch.float64 if owner.dtype == torch.float64 else torch.float32
         hyper = tuple(repr(group[k]) for k in _PRECOND_KEYS)
-        return _Block(members, dims, tuple(structures), dtype, hyper, name)
+        return _Block(members, dims, tuple(structures), dtype, hyper, name, transposed)
 
     # -- state ------------------------------------------------------------------------------------------
     def _init_block_state(self, block: _Block) -> None:
