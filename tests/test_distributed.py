@@ -53,9 +53,13 @@ def test_ddp_ranks_hold_bitwise_equal_state_equal_to_one_process_on_the_global_b
     assert entry["max_abs_error"] <= 1e-6 * max(1.0, entry["max_abs_value"]), entry
 
 
-def test_ddp_split_factor_work_gives_the_same_result_as_every_rank_doing_all_of_it(ddp_report):
+def test_ddp_split_work_gives_the_same_result_as_every_rank_doing_all_of_it(ddp_report):
     split, everyone = ddp_report["sirfshampoo"], ddp_report["sirfshampoo-not-split"]
     assert split["max_abs_error"] == everyone["max_abs_error"]
+    # each rank preconditioned a share of the blocks, together all of them; unsplit, each did all
+    total = split["preconditioned_one_process"]
+    assert sum(split["preconditioned_per_rank"]) == total and max(split["preconditioned_per_rank"]) < total
+    assert everyone["preconditioned_per_rank"] == [total, total]
 
 
 def test_fsdp2_sharded_parameters_train_like_one_process_and_resume_from_a_sharded_checkpoint(tmp_path):

@@ -284,9 +284,10 @@ class SIRFShampoo(Optimizer):
             both allow it and agree on every preconditioner option (they may differ in ``lr``,
             ``momentum`` and ``weight_decay``, which act after preconditioning).
         distributed: with several processes (torch.distributed initialized, e.g. under DDP or
-            FSDP2), split the factor updates across ranks and exchange the results (each rank
-            then does about 1/world_size of that work). ``None`` (default): when
-            torch.distributed is initialized; ``False``: every rank updates every factor.
+            FSDP2), split the factor updates and the preconditioning across ranks and exchange
+            the results (each rank then does about 1/world_size of that work; every rank ends
+            with the same full state). ``None`` (default): when torch.distributed is
+            initialized; ``False``: every rank does all of it.
         trainer_model: the same as ``model``, under the name the Trainer integration passes it
             (the Trainer takes a ``model`` keyword argument for the parameters themselves).
 
@@ -583,46 +584,76 @@ class SIRFShampoo(Optimizer):
             if self._host_step(block.owner) % group["update_freq"] == 0:
                 due.append(block)
         with _gathered_gradients([p for b in active for p in b.params]):
-            self._update_due_factors(due)
-            updates = self._precondition_all(active)
+            updates = self._factor_and_precondition(active, due)
         self._update_parameters(updates)
         return loss
 
-    def _update_due_factors(self, due: list[_Block]) -> None:
-        """Update the due factors, batched by shape; with several processes each updates a share.
+    def _factor_and_precondition(self, active: list[_Block], due: list[_Block]) -> dict[Tensor, Tensor]:
+        """Update the due factors, then precondition every active gradient; returns each
+        parameter's update (this rank's shard of it for a DTensor).
 
-        Under DDP every rank holds the same averaged gradient, so the factor updates are
-        identical work: with ``distributed`` (the default when torch.distributed runs) each rank
-        updates the blocks assigned to it (longest-processing-time-first on an O(d³) cost
-        estimate, the same on every rank), then every owner broadcasts its blocks' new state.
+        Same-shape blocks are batched: factor updates always, preconditioning for small blocks.
+        Under DDP every rank holds the same averaged gradient, so all of this is identical work:
+        with ``distributed`` (the default when torch.distributed runs) each rank does it for its
+        share of the blocks (largest first onto the least-loaded rank, on a cost estimate of
+        the factor update and the products; the same assignment on every rank), then each owner
+        broadcasts its blocks' new factor state and preconditioned gradients in one buffer.
         """
-        share = _share(due, self.defaults["distributed"])
-        mine = due if share is None else [b for b, owner in zip(due, share) if owner == dist.get_rank()]
+        work = [b for b in active if not b.empty]
+        is_due = {id(b) for b in due}
+
+        def cost(block: _Block) -> float:
+            return _precondition_cost(block) + (_block_cost(block) if id(block) in is_due else 0.0)
+
+        share = _share(work, self.defaults["distributed"], cost)
+        mine = work if share is None else [b for b, owner in zip(work, share) if owner == dist.get_rank()]
         buckets: dict[tuple[Any, ...], list[_Block]] = {}
         for block in mine:
-            buckets.setdefault(block.batch_key(), []).append(block)
+            if id(block) in is_due:
+                buckets.setdefault(block.batch_key(), []).append(block)
         for bucket in buckets.values():
             self._update_factors(bucket)
+
+        full: dict[Tensor, Tensor] = {}
+        batches: dict[tuple[Any, ...], list[_Block]] = {}
+        for block in mine:
+            if self._batchable(block):
+                batches.setdefault(block.batch_key(), []).append(block)
+            else:
+                self._precondition([block], full)
+        for bucket in batches.values():
+            self._precondition(bucket, full)
+
         if share is not None:
             for rank in range(dist.get_world_size()):
-                owned = [b for b, owner in zip(due, share) if owner == rank]
+                owned = [b for b, owner in zip(work, share) if owner == rank]
                 if owned:
-                    _broadcast_state([self.state[b.owner] for b in owned], src=rank)
-
-    def _precondition_all(self, active: list[_Block]) -> dict[Tensor, Tensor]:
-        # Precondition: small blocks of one shape together (one batched product per axis).
-        updates: dict[Tensor, Tensor] = {}
-        batches: dict[tuple[Any, ...], list[_Block]] = {}
+                    self._exchange(owned, [b for b in owned if id(b) in is_due], full, src=rank)
+        updates = {p: _local_part(u, p) for p, u in full.items()}
         for block in active:
             if block.empty:
                 updates.update({p: torch.zeros_like(_local(p)) for p in block.params if p.grad is not None})
-            elif self._batchable(block):
-                batches.setdefault(block.batch_key(), []).append(block)
-            else:
-                self._precondition([block], updates)
-        for bucket in batches.values():
-            self._precondition(bucket, updates)
         return updates
+
+    def _exchange(
+        self, owned: list[_Block], updated: list[_Block], full: dict[Tensor, Tensor], src: int
+    ) -> None:
+        """Broadcast from ``src`` the new factor state of ``updated`` and the preconditioned
+        gradients of ``owned``; the other ranks write the state in place and fill ``full``."""
+        tensors = [
+            state[key]
+            for state in (self.state[b.owner] for b in updated)
+            for key in sorted(state)
+            if key.startswith(("factor_", "precond_")) or key == "skipped_factor_updates"
+        ]
+        params = [p for b in owned for p in b.params if p.grad is not None]
+        if dist.get_rank() == src:
+            for p in params:
+                full[p] = full[p].contiguous()
+        else:
+            dtype = {p: torch.promote_types(b.dtype, _scalar_dtype(b.dtype)) for b in owned for p in b.params}
+            full.update({p: torch.empty(p.shape, dtype=dtype[p], device=p.device) for p in params})
+        _broadcast_in_place([*tensors, *(full[p] for p in params)], src)
 
     def _check_grad(self, p: Tensor) -> None:
         grad = p.grad
@@ -728,7 +759,8 @@ class SIRFShampoo(Optimizer):
         )
 
     def _precondition(self, bucket: list[_Block], updates: dict[Tensor, Tensor]) -> None:
-        """P = G ×_1 (K_1K_1ᵀ) … ×_N (K_NK_Nᵀ) for blocks of one shape; fills ``updates``."""
+        """P = G ×_1 (K_1K_1ᵀ) … ×_N (K_NK_Nᵀ) for blocks of one shape; fills ``updates`` with
+        whole-tensor updates (a DTensor parameter's shard is taken later)."""
         first = bucket[0]
         states = [self.state[b.owner] for b in bucket]
         grad = _stack([b.gradient() for b in bucket]).to(first.dtype)
@@ -743,7 +775,7 @@ class SIRFShampoo(Optimizer):
         for block, update in zip(bucket, grad.unbind(0)):
             for p, part in zip(block.params, block.split(update)):
                 if p.grad is not None:
-                    updates[p] = _local_part(part, p)
+                    updates[p] = part  # the whole tensor's update, also for a DTensor parameter
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """b ← α1·b + (P + κ·µ);  µ ← µ − β1·b, with foreach ops per group where dtypes allow."""
@@ -935,15 +967,31 @@ def _block_cost(block: _Block) -> float:
     return cost
 
 
-def _share(blocks: list[_Block], flag: bool | None) -> list[int] | None:
-    """The rank that updates each block's factors (longest first onto the least loaded rank),
+def _precondition_cost(block: _Block) -> float:
+    """Rough flops of preconditioning one block's gradient: numel·d per dense-like axis."""
+    numel = math.prod(block.dims)
+    cost = 0.0
+    for d, struct in zip(block.dims, block.structures):
+        if struct.name == "diagonal":
+            cost += numel
+        elif struct.name == "block_diagonal":
+            cost += numel * struct.block
+        else:
+            cost += numel * d
+    return cost
+
+
+def _share(
+    blocks: list[_Block], flag: bool | None, cost: Callable[[_Block], float] = _block_cost
+) -> list[int] | None:
+    """The rank that does each block's work (largest ``cost`` first onto the least loaded rank),
     or None when the work is not split."""
     if flag is False or not blocks or not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()
     if world < 2:
         return None
-    costs = [_block_cost(b) for b in blocks]
+    costs = [cost(b) for b in blocks]
     load, owner = [0.0] * world, [0] * len(blocks)
     for i in sorted(range(len(blocks)), key=lambda i: (-costs[i], i)):
         rank = min(range(world), key=lambda r: (load[r], r))
@@ -952,15 +1000,10 @@ def _share(blocks: list[_Block], flag: bool | None) -> list[int] | None:
     return owner
 
 
-def _broadcast_state(states: list[dict[str, Tensor]], src: int) -> None:
-    """Send the factor state of ``src``'s blocks to every rank, as one byte buffer."""
-    tensors = [
-        state[key]
-        for state in states
-        for key in sorted(state)
-        if key.startswith(("factor_", "precond_")) or key == "skipped_factor_updates"
-    ]
-    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]  # views: the state is contiguous
+def _broadcast_in_place(tensors: list[Tensor], src: int) -> None:
+    """Broadcast contiguous ``tensors`` from ``src`` into the same-shaped ones of every other
+    rank, as one byte buffer (any dtypes mixed; works with gloo)."""
+    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]  # views of contiguous tensors
     sizes = [f.numel() for f in flat]
     if dist.get_rank() == src:
         buffer = torch.cat(flat)

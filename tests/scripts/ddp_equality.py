@@ -83,6 +83,20 @@ def train(
         optimizer.step()
 
 
+PRECONDITIONED = [0]  # blocks this rank preconditioned (SIRFShampoo), counted by the wrapper below
+
+
+def count_preconditioned(precondition):
+    def wrapper(self, bucket, updates):
+        PRECONDITIONED[0] += len(bucket)
+        return precondition(self, bucket, updates)
+
+    return wrapper
+
+
+hf_rootfree.SIRFShampoo._precondition = count_preconditioned(hf_rootfree.SIRFShampoo._precondition)
+
+
 def main() -> None:
     accelerator = Accelerator(cpu=True)  # sets up the gloo process group from torchrun's environment
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -95,9 +109,12 @@ def main() -> None:
         initial = torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
         batch = {} if cls is hf_rootfree.AdaX else {"batch_size": GLOBAL_BATCH}
         ddp, prepared = accelerator.prepare(model, cls(model.parameters(), **kwargs, **batch))
+        PRECONDITIONED[0] = 0
         began = time.perf_counter()
         train(ddp, prepared, rank, world, accelerator.backward)
         seconds = time.perf_counter() - began
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([PRECONDITIONED[0]]))
         vector = flat(model, prepared.optimizer)
         gathered = [torch.empty_like(vector) for _ in range(world)]
         dist.all_gather(gathered, vector)
@@ -105,13 +122,16 @@ def main() -> None:
             "ranks_bitwise_equal": all(torch.equal(gathered[0], g) for g in gathered),
             "numel": vector.numel(),
             "seconds": seconds,
+            "preconditioned_per_rank": [int(c) for c in counts],
         }
         if rank == 0:
             kwargs_single = dict(kwargs)
             if cls is hf_rootfree.SIRFShampoo:  # one process: no collectives with the other rank
                 kwargs_single["distributed"] = False
             reference = cls(single.parameters(), **kwargs_single, **batch)
+            PRECONDITIONED[0] = 0
             train(single, reference, 0, 1)
+            entry["preconditioned_one_process"] = PRECONDITIONED[0]
             expected = flat(single, reference)
             entry["same_layout"] = expected.numel() == vector.numel()
             if entry["same_layout"]:
