@@ -7,39 +7,20 @@ checks the JSON report its rank 0 writes. Each test name is a claim.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import accelerate_launch, torchrun
 from optim_db import NAMES
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-
-
-def torchrun(script: str, *args: str, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # rendezvous on a free port: no clash with other jobs on the machine
-        "--nproc_per_node",
-        "2",
-        str(SCRIPTS / script),
-        *args,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
 
 
 @pytest.fixture(scope="module")
 def ddp_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    torchrun("ddp_equality.py", str(out / "report.json"), tmp_path=out)
+    torchrun(SCRIPTS / "ddp_equality.py", str(out / "report.json"), cwd=out)
     return json.loads((out / "report.json").read_text())
 
 
@@ -63,7 +44,7 @@ def test_ddp_split_work_gives_the_same_result_as_every_rank_doing_all_of_it(ddp_
 
 
 def test_fsdp2_sharded_parameters_train_like_one_process_and_resume_from_a_sharded_checkpoint(tmp_path):
-    torchrun("fsdp2_equality.py", str(tmp_path / "report.json"), tmp_path=tmp_path)
+    torchrun(SCRIPTS / "fsdp2_equality.py", str(tmp_path / "report.json"), cwd=tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(report) == sorted(NAMES)
     for name, entry in report.items():
@@ -75,28 +56,10 @@ def test_fsdp2_sharded_parameters_train_like_one_process_and_resume_from_a_shard
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)  # bitwise, through DCP
 
 
-def accelerate_launch(config: Path, *args: str, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config),
-        "--mixed_precision",
-        "no",  # the configs' bf16 is for GPUs; the comparisons here are in fp32
-        "--main_process_port",
-        "0",  # a free port
-        *args,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
-
-
 @pytest.fixture(scope="module")
 def trainer_ddp_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer_ddp")  # accelerate launch --config_file recipes/configs/ddp.yaml
-    accelerate_launch(CONFIGS / "ddp.yaml", str(SCRIPTS / "trainer_distributed.py"), str(out), tmp_path=out)
+    accelerate_launch("ddp.yaml", SCRIPTS / "trainer_distributed.py", str(out), cwd=out)
     return json.loads((out / "report.json").read_text())
 
 
@@ -118,11 +81,11 @@ def test_trainer_ddp_every_name_keeps_ranks_equal_uses_the_global_batch_and_resu
 def test_trainer_fsdp2_every_name_shards_checkpoints_resumes_exactly_and_matches_ddp(
     trainer_ddp_report, route, tmp_path
 ):
-    script = str(SCRIPTS / "trainer_distributed.py")
+    script = SCRIPTS / "trainer_distributed.py"
     if route == "accelerate-config":  # accelerate launch --config_file recipes/configs/fsdp2.yaml
-        accelerate_launch(CONFIGS / "fsdp2.yaml", script, str(tmp_path), "accelerate", tmp_path=tmp_path)
+        accelerate_launch("fsdp2.yaml", script, str(tmp_path), "accelerate", cwd=tmp_path)
     else:  # TrainingArguments(fsdp=..., fsdp_config={"version": 2, ...}) under torchrun
-        torchrun("trainer_distributed.py", str(tmp_path), "fsdp2", tmp_path=tmp_path)
+        torchrun(script, str(tmp_path), "fsdp2", cwd=tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(report) == sorted(NAMES)
     for name, entry in report.items():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from launch import accelerate_launch
 from PIL import Image
 from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
 
@@ -194,30 +195,9 @@ def test_a_dataset_without_validation_split_holds_out_a_fixed_fifth_of_train(tmp
 
 
 def test_the_recipe_runs_under_accelerate_launch_with_the_single_process_config(tmp_path):
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(root / "recipes" / "configs" / "single_process.yaml"),
-        str(root / "recipes" / "image_classification.py"),
-        "--output_dir",
-        str(tmp_path),
-        "--optim",
-        "sirfshampoo",
-        "--max_steps",
-        "3",
-        "--eval_steps",
-        "3",
-        "--logging_steps",
-        "1",
-        "--disable_tqdm",
-        "true",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    script = Path(__file__).resolve().parents[1] / "recipes" / "image_classification.py"
+    argv = ["--output_dir", str(tmp_path), "--optim", "sirfshampoo", "--max_steps", "3", "--eval_steps", "3"]
+    argv += ["--logging_steps", "1", "--disable_tqdm", "true"]
+    accelerate_launch("single_process.yaml", script, *argv, cwd=tmp_path)
     record = json.loads((tmp_path / "run_result.json").read_text())
     assert record["optim"] == "sirfshampoo" and math.isfinite(record["eval_metrics"]["eval_accuracy"])

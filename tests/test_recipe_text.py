@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from launch import accelerate_launch
 from optim_db import CLASSES
 from transformers import (
     AutoModelForCausalLM,
@@ -316,36 +317,10 @@ def test_generated_grammar_main_verb_agrees_with_the_subject_across_relative_cla
 
 
 def test_causal_lm_recipe_runs_under_accelerate_launch_with_the_ddp_config_on_two_processes(tmp_path):
-    import os
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(RECIPES / "configs" / "ddp.yaml"),
-        "--mixed_precision",
-        "no",  # the config's bf16 is for GPUs
-        "--main_process_port",
-        "0",
-        str(RECIPES / "causal_lm.py"),
-        *SMOKE,
-        "--optim",
-        "sirfshampoo",
-        "--per_device_train_batch_size",
-        "8",
-        "--use_cpu",  # CPU processes: without it the Trainer sets up no process group
-        "true",
-        "--ddp_backend",
-        "gloo",
-        "--output_dir",
-        str(tmp_path),
-        *QUIET,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    argv = [*SMOKE, "--optim", "sirfshampoo", "--per_device_train_batch_size", "8", *QUIET]
+    # CPU processes: without --use_cpu the Trainer would set up no process group
+    argv += ["--use_cpu", "true", "--ddp_backend", "gloo", "--output_dir", str(tmp_path)]
+    accelerate_launch("ddp.yaml", RECIPES / "causal_lm.py", *argv, cwd=tmp_path)
     record = json.loads((tmp_path / "run_result.json").read_text())
     assert record["global_batch_size"] == 16  # 8 per process x 2 processes: B of the optimizer
     assert record["hyperparameters"]["batch_size"] == 16
