@@ -147,7 +147,12 @@ def time_steps(opt: torch.optim.Optimizer, steps: int) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def rounds_robin(timed: list[Timed], rounds: int) -> None:
+def sample_steps(t: Timed) -> None:
+    t.samples_ms.append(time_steps(t.optimizer, t.steps))
+
+
+def rounds_robin(timed: list[Timed], rounds: int, sample: Callable[[Timed], None] = sample_steps) -> None:
+    """``rounds`` rounds of ``sample`` over the contenders, the order rotating, without the GC."""
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -155,7 +160,7 @@ def rounds_robin(timed: list[Timed], rounds: int) -> None:
         for r in range(rounds):
             shift = r % len(timed)
             for t in timed[shift:] + timed[:shift]:
-                t.samples_ms.append(time_steps(t.optimizer, t.steps))
+                sample(t)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -262,6 +267,13 @@ def time_cycle(opt: torch.optim.Optimizer) -> list[float]:
     return out
 
 
+def sample_cycles(t: Timed) -> None:
+    # AdamW's cycle is microseconds long: time 20 cycles per sample for it
+    cycles = [time_cycle(t.optimizer) for _ in range(20 if t.label == BASELINE else 1)]
+    t.cycle_steps_ms.extend(cycles)
+    t.samples_ms.append(statistics.fmean(sum(c) / UPDATE_FREQ for c in cycles))
+
+
 def part_sirfshampoo(dims: list[int], rounds: int) -> dict:
     print(
         "\n== part 2: SIRFShampoo(update_freq=10, max_dense_dim=None), one d x d matrix, dense factors ==",
@@ -281,20 +293,7 @@ def part_sirfshampoo(dims: list[int], rounds: int) -> dict:
             opt = factory(copies(values, grads))
             time_cycle(opt)  # warm-up: one whole cycle (state, first factor update)
             timed.append(Timed(label, opt))
-        gc_was_enabled = gc.isenabled()
-        gc.collect()
-        gc.disable()
-        try:
-            for r in range(rounds):
-                shift = r % len(timed)
-                for t in timed[shift:] + timed[:shift]:
-                    # AdamW's cycle is microseconds long: time 20 cycles per sample for it
-                    cycles = [time_cycle(t.optimizer) for _ in range(20 if t.label == BASELINE else 1)]
-                    t.cycle_steps_ms.extend(cycles)
-                    t.samples_ms.append(statistics.fmean(sum(c) / UPDATE_FREQ for c in cycles))
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        rounds_robin(timed, rounds, sample_cycles)
         base = statistics.median(timed[0].samples_ms)
         rows = []
         for t in timed:
