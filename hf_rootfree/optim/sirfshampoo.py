@@ -954,17 +954,15 @@ def _local_part(update: Tensor, param: Tensor) -> Tensor:
 
 
 def _block_cost(block: _Block) -> float:
-    """Rough flops of one factor update: O(d³ + numel·d) per dense-like axis, O(numel) diagonal."""
-    numel = math.prod(block.dims)
-    cost = 0.0
+    """Rough flops of one factor update: O(d³) per dense-like axis (d·b² blocked, 0 diagonal)
+    plus the products with the gradient, which cost what preconditioning it does."""
+    cubic = 0.0
     for d, struct in zip(block.dims, block.structures):
-        if struct.name == "diagonal":
-            cost += numel
-        elif struct.name == "block_diagonal":
-            cost += d * struct.block**2 + numel * struct.block
-        else:
-            cost += d**3 + numel * d
-    return cost
+        if struct.name == "block_diagonal":
+            cubic += d * struct.block**2
+        elif struct.name != "diagonal":
+            cubic += d**3
+    return cubic + _precondition_cost(block)
 
 
 def _precondition_cost(block: _Block) -> float:
