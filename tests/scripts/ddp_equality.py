@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
+from _cases import CASES as BASE_CASES
 from _teardown import leave
 
 import hf_rootfree
@@ -27,11 +28,7 @@ import hf_rootfree
 GLOBAL_BATCH = 16
 STEPS = 7
 CASES = {
-    "rootfree_adamw": (hf_rootfree.RootFreeAdamW, {"lr": 0.05, "weight_decay": 0.01}),
-    "rootfree_rmsprop": (hf_rootfree.RootFreeRMSprop, {"lr": 0.01, "momentum": 0.9}),
-    "adax": (hf_rootfree.AdaX, {"lr": 0.01}),
-    "rootfree_adax": (hf_rootfree.RootFreeAdaX, {"lr": 0.05}),
-    "sirfshampoo": (hf_rootfree.SIRFShampoo, {"lr": 0.01, "update_freq": 2, "precond_lr": 0.1}),
+    **BASE_CASES,
     "sirfshampoo-not-split": (
         hf_rootfree.SIRFShampoo,
         {"lr": 0.01, "update_freq": 2, "precond_lr": 0.1, "distributed": False},
