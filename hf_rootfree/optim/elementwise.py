@@ -41,6 +41,8 @@ __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
 
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 Coefficients = tuple[float, float, float, float, float, float, float, float, float]
+#: per-tensor, data-dependent (k, e) of the adaptive damping: two float64 vectors, one entry per tensor
+Scales = tuple[torch.Tensor, torch.Tensor]
 
 _BATCH_SIZE_HELP = (
     "B is the number of examples the loss is averaged over in one optimizer step (the global batch: "
@@ -151,11 +153,14 @@ def _single_tensor_step(
     *,
     root: bool,
     heavy_ball: bool,
+    scales: Scales | None = None,
 ) -> None:
     """Reference path: the update of the module docstring, one tensor at a time."""
     for i, param in enumerate(params):
         a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = coeffs[i if len(coeffs) > 1 else 0]
         dtype = _compute_dtype(param, seconds[i])
+        if scales is not None:  # data-dependent k and e of this tensor (0-d tensors)
+            k, e = scales[0][i].to(dtype), scales[1][i].to(dtype)
         g = grads[i].to(dtype)
         s = seconds[i].to(dtype) * a + c * g * g
         seconds[i].copy_(s)
@@ -201,6 +206,7 @@ def _multi_tensor_step(
     *,
     root: bool,
     heavy_ball: bool,
+    scales: Scales | None = None,
 ) -> None:
     """Fast path with ``torch._foreach_*`` ops, grouped by (device, dtype)."""
     if len(coeffs) == 1:
@@ -220,7 +226,13 @@ def _multi_tensor_step(
 
         torch._foreach_mul_(s, a)
         torch._foreach_addcmul_(s, g, g, c)
-        if root:
+        if scales is not None:  # per-tensor k and e as 0-d tensors: no host sync
+            k_all, e_all = scales[0].to(dtype).unbind(), scales[1].to(dtype).unbind()
+            k_t, e_t = [k_all[i] for i in indices], [e_all[i] for i in indices]
+            d = torch._foreach_sqrt(s) if root else s
+            d = torch._foreach_mul(d, k_t)
+            torch._foreach_add_(d, e_t)
+        elif root:
             d = torch._foreach_sqrt(s)
             if _any_not(k, 1.0):
                 torch._foreach_mul_(d, k)
@@ -262,9 +274,13 @@ def _fused_step(
     *,
     root: bool,
     heavy_ball: bool,
+    scales: Scales | None = None,
 ) -> None:
     """Fast CPU path: one compiled pass over memory per tensor (``csrc/elementwise.cpp``)."""
     table = torch.tensor(coeffs, dtype=torch.float64)
+    if scales is not None:  # the data-dependent k and e columns, one row per tensor
+        table = table.expand(len(params), -1).clone()
+        table[:, 2], table[:, 3] = scales
     torch.ops.hf_rootfree.fused_elementwise_step_(params, grads, bufs, seconds, table, root, heavy_ball)
 
 
@@ -280,6 +296,70 @@ _PATHS: dict[str, Callable[..., None]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def _shard_groups(tensor: torch.Tensor) -> list[Any]:
+    """The process groups over which a DTensor is sharded (none for a plain tensor)."""
+    if not isinstance(tensor, DTensor):
+        return []
+    mesh = tensor.device_mesh
+    return [mesh.get_group(dim) for dim, place in enumerate(tensor.placements) if place.is_shard()]
+
+
+def _adaptive_scales(
+    seconds: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    rho: float,
+    q: float,
+) -> Scales:
+    """Per-tensor (k, e) of the adaptive denominator ``d = (k·s + e)``, as float64 vectors.
+
+    With ŝ = k·s the (bias-corrected) second moment after this step's update and n the number of
+    elements of the tensor::
+
+        λ_l = e + ρ·mean(ŝ)                       relative damping (ρ = ``relative_damping``)
+        d   = (ŝ + λ_l) / (q·sqrt(λ_l))           lr in AdamW units (q = 2·sqrt(B)·...), or
+        d   = ŝ + λ_l                             when q = 0 (the paper's lr)
+
+    mean(ŝ) is computed from the state *before* the kernel writes it, as
+    k·(a·Σs + c·Σg²)/n, so every path (reference, foreach, fused) gets the same numbers and
+    the kernel stays one pass. For DTensors (FSDP2) the sums are all-reduced over the shards, so
+    λ_l is that of the whole tensor, as in one process. Everything stays on the device (no sync).
+    """
+    numels = [max(t.numel(), 1) for t in seconds]  # DTensor.numel() is the global size
+    local_s, local_g = _local_tensors(seconds), _local_tensors(grads)
+    s_mean = torch._foreach_div(torch._foreach_norm(local_s, 1, dtype=torch.float32), numels)  # s ≥ 0
+    g_norm = torch._foreach_norm(local_g, 2, dtype=torch.float32)
+    g2_mean = torch._foreach_div(torch._foreach_mul(g_norm, g_norm), numels)
+    groups = [_shard_groups(t) for t in seconds]
+    sharded = [i for i, gs in enumerate(groups) if gs]
+    if sharded:  # FSDP2: the means of the whole tensors, summed over the shards
+        import torch.distributed as dist
+
+        packed = torch.stack([s_mean[i] for i in sharded] + [g2_mean[i] for i in sharded])
+        for group in groups[sharded[0]]:
+            dist.all_reduce(packed, group=group)
+        reduced = packed.unbind()
+        for j, i in enumerate(sharded):
+            s_mean[i], g2_mean[i] = reduced[j], reduced[len(sharded) + j]
+    device = local_s[0].device
+    mean_old = torch.stack(s_mean).to(torch.float64)
+    mean_g2 = torch.stack(g2_mean).to(torch.float64)
+    if len(coeffs) == 1:
+        a, c, k, e = coeffs[0][:4]
+    else:
+        a, c, k, e = (
+            torch.tensor(col, dtype=torch.float64).to(device, non_blocking=True)
+            for col in list(zip(*coeffs))[:4]
+        )
+    mean_s = k * (a * mean_old + c * mean_g2)
+    lam = (e + rho * mean_s).clamp_min(_FLOAT32_TINY)
+    k_vec = torch.full_like(lam, 1.0) * k
+    if q > 0:
+        scale = q * lam.sqrt()
+        return k_vec / scale, lam / scale
+    return k_vec, lam
+
+
 def _local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The local shards of DTensors (views: in-place updates reach the DTensor); others as is."""
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
@@ -293,8 +373,6 @@ class _ElementwiseOptimizer(Optimizer):
 
     #: state key of the second moment ("s" for the root-free s of the paper, "exp_avg_sq" for AdaX)
     _second_key: str = "s"
-    #: initial value s0 of the second moment (1 for root-free methods, 0 for AdaX)
-    _second_init: float = 1.0
     #: sqrt(s) in the denominator (AdaX) or s itself (root-free)
     _root: bool = False
     #: momentum after preconditioning (RootFreeRMSprop) instead of Adam-style before it
@@ -313,6 +391,13 @@ class _ElementwiseOptimizer(Optimizer):
 
     def _uses_buffer(self, group: dict[str, Any]) -> bool:
         return True
+
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        """``(ρ, q)`` of the data-dependent denominator (:func:`_adaptive_scales`), or None.
+
+        None keeps the fixed ``d = k·s + e`` of the coefficients (the paper's update).
+        """
+        return None
 
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, group: dict[str, Any]) -> None:
@@ -402,7 +487,7 @@ class _ElementwiseOptimizer(Optimizer):
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float64)
                 state[self._second_key] = torch.full_like(
-                    p, self._second_init, dtype=dtype, memory_format=torch.contiguous_format
+                    p, group.get("s0", 0.0), dtype=dtype, memory_format=torch.contiguous_format
                 )
             if with_buffer and buf_key not in state:
                 state[buf_key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
@@ -487,11 +572,20 @@ class _ElementwiseOptimizer(Optimizer):
             else:
                 cache = {t: self._coefficients(group, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
+            adaptive = self._adaptive(group)
+            scales = None if adaptive is None else _adaptive_scales(seconds, grads, coeffs, *adaptive)
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
             params, grads, bufs, seconds = (_local_tensors(ts) for ts in (params, grads, bufs, seconds))
             _PATHS[self._path(group, params)](
-                params, grads, bufs, seconds, coeffs, root=self._root, heavy_ball=self._heavy_ball
+                params,
+                grads,
+                bufs,
+                seconds,
+                coeffs,
+                root=self._root,
+                heavy_ball=self._heavy_ball,
+                scales=scales,
             )
         return loss
 
@@ -509,21 +603,108 @@ _IMPL_ARGS_DOC = """
         fused: use the compiled CPU kernel (built on first use, cached). ``None`` (default) uses
             it on CPU when it builds and falls back to the reference path otherwise."""
 
+_ROOTFREE_ARGS_DOC = """
+        s0: initial value of s, ≥ 0 (default 0: s is an average of B·g² from the first step).
+            The paper's prior is 1.
+        relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's mean curvature:
+            λ_l = λ + ρ·mean(ŝ) (default 1). 0 gives the paper's fixed λ.
+        lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the step of every tensor is
+            scaled by 2·sqrt(B·λ_l), so that its largest per-element step equals η, as AdamW's
+            does. ``"paper"``: η multiplies m/(ŝ + λ_l) as in the paper."""
 
-class RootFreeAdamW(_ElementwiseOptimizer):
+#: the arguments that give the paper's exact update (s0 = 1 prior, fixed λ, the paper's lr)
+PAPER_MODE = {"s0": 1.0, "bias_correction": False, "relative_damping": 0.0, "lr_units": "paper"}
+_LR_UNITS = ("adamw", "paper")
+
+
+class _RootFreeOptimizer(_ElementwiseOptimizer):
+    """The root-free members of the family: the start s0, adaptive damping and the lr units.
+
+    Their denominator is ``ŝ + λ_l`` with ŝ the (bias-corrected) running average of B·g². Two
+    choices make an AdamW learning rate and weight decay carry over unchanged (``lr_units=
+    "adamw"``, ``relative_damping`` ρ > 0, the default):
+
+    * λ_l = λ + ρ·mean(ŝ) per tensor: the damping follows the tensor's own curvature scale, which on
+      transformers spans 1e-10 … 1e-4 across layers, where one fixed λ fits none of them;
+    * the step of one element, η·g/(B·g² + λ_l), peaks at Δmax = η/(2·sqrt(B·λ_l)) at
+      B·g² = λ_l; multiplying it by 2·sqrt(B·λ_l) makes that peak η, AdamW's per-element step.
+
+    The per-element preconditioner stays root-free, 1/(ŝ + λ_l): inside a tensor, the step of an
+    element falls as 1/g above the damping, where Adam's is constant. The only square root is of
+    one scalar per tensor.
+    """
+
+    def _validate_rootfree(self, group: dict[str, Any], damping_key: str = "damping") -> None:
+        owner = type(self).__name__
+        _check_nonnegative("s0", group["s0"], owner)
+        _check_nonnegative("relative_damping", group["relative_damping"], owner)
+        if group["lr_units"] not in _LR_UNITS:
+            raise ValueError(f"{owner}: lr_units must be one of {_LR_UNITS}, got {group['lr_units']!r}")
+        if group.get("bias_correction", False):
+            if not isinstance(group["bias_correction"], bool):
+                value = group["bias_correction"]
+                raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
+            if group["s0"] != 0:
+                raise ValueError(
+                    f"{owner}: bias_correction=True needs s0=0 (got s0={group['s0']!r}): dividing s by "
+                    "(1 − β2^t) multiplies a prior s0 by up to 1/(1 − β2) in the first steps. Use "
+                    "s0=0 with bias correction, or s0 > 0 with bias_correction=False"
+                )
+        elif "bias_correction" in group and not isinstance(group["bias_correction"], bool):
+            value = group["bias_correction"]
+            raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
+        if group["relative_damping"] == 0 and group[damping_key] == 0:
+            if group["lr_units"] == "adamw":
+                raise ValueError(
+                    f"{owner}: lr_units='adamw' needs relative_damping > 0 or damping > 0 (both are 0): "
+                    "the AdamW-unit scale 2·sqrt(B·λ) would be 0"
+                )
+            if group["s0"] == 0:
+                raise ValueError(
+                    f"{owner}: with s0=0, damping=0 and relative_damping=0 the denominator s + λ is 0 "
+                    "wherever the gradient has been 0; set damping > 0 or relative_damping > 0"
+                )
+
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        adamw_units = group["lr_units"] == "adamw"
+        if group["relative_damping"] == 0 and not adamw_units:
+            return None
+        q = 2.0 * math.sqrt(group["batch_size"]) * self._step_gain(group) if adamw_units else 0.0
+        return group["relative_damping"], q
+
+    def _step_gain(self, group: dict[str, Any]) -> float:
+        """What the momentum does to the steady-state step (1 for an average of g)."""
+        return 1.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickles from before these options: the paper's update
+            for key, value in PAPER_MODE.items():
+                if key != "bias_correction" or "bias_correction" in self.defaults:
+                    group.setdefault(key, value)
+
+
+class RootFreeAdamW(_RootFreeOptimizer):
     __doc__ = rf"""Root-free AdamW (Lin et al., ICML 2024; the authors' ``rfadamw.py``).
 
-    AdamW with the square root removed: the preconditioner is ``1/(s + λ)`` where ``s`` tracks the
-    per-example curvature ``B·g²`` and starts at 1. With µ the parameters, g the mean gradient
-    over B examples, η the learning rate, γ the weight decay and λ the damping::
+    AdamW with the square root removed: the preconditioner is ``1/(ŝ + λ_l)`` where ŝ tracks the
+    per-example curvature ``B·g²``. With µ the parameters, g the mean gradient over B examples,
+    η the learning rate, γ the weight decay, λ the damping, ρ the relative damping and t the
+    step, the default update (``lr_units="adamw"``) is::
 
-        µ ← µ·(1 − η·γ)                    decoupled weight decay
-        m ← β1·m + (1 − β1)·g              m0 = 0  (state "exp_avg")
-        s ← β2·s + (1 − β2)·B·g²           s0 = 1  (state "s")
-        µ ← µ − η·m / (s + λ)
+        µ ← µ·(1 − η·γ)                          decoupled weight decay, as AdamW
+        m ← β1·m + (1 − β1)·g                    m0 = 0  (state "exp_avg")
+        s ← β2·s + (1 − β2)·B·g²                 s0 = 0  (state "s")
+        m̂ = m/(1 − β1^t),  ŝ = s/(1 − β2^t)       bias correction (``bias_correction``)
+        λ_l = λ + ρ·mean(ŝ)                      per tensor, over its elements
+        µ ← µ − η·2·sqrt(B·λ_l)·m̂ / (ŝ + λ_l)
 
-    ``bias_correction=True`` divides m by (1 − β1^t) and s by (1 − β2^t), as the authors'
-    prototype can; it is off by default because s0 = 1 is a prior, not a biased zero start.
+    A tensor's step peaks at η for elements with B·g² ≈ λ_l and falls as 1/g above it: an AdamW
+    learning rate and weight decay carry over unchanged. The paper's update is
+    ``s0=1.0, bias_correction=False, relative_damping=0.0, lr_units="paper"``
+    (``hf_rootfree.optim.elementwise.PAPER_MODE``) with the paper's λ (e.g. ``damping=1e-4``)::
+
+        m ← β1·m + (1 − β1)·g;   s ← β2·s + (1 − β2)·B·g²  (s0 = 1);   µ ← µ·(1 − η·γ) − η·m / (s + λ)
 
     ===============  ============================
     symbol           argument
@@ -531,18 +712,21 @@ class RootFreeAdamW(_ElementwiseOptimizer):
     η                ``lr``
     β1, β2           ``betas`` (β2 = 1 − the paper's second-moment step size)
     λ                ``damping``
+    ρ                ``relative_damping``
     γ                ``weight_decay``
     B                ``batch_size``
+    s0               ``s0``
     ===============  ============================
 
     Args:
         params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
-        lr: learning rate η (default 1e-3).
+        lr: learning rate η (default 1e-3), in AdamW's units unless ``lr_units="paper"``.
         betas: (β1, β2), each in [0, 1) (default (0.9, 0.999)).
-        damping: λ ≥ 0, added to s with no root (default 1e-4).
+        damping: λ ≥ 0, added to ŝ with no root (default 0; the paper's runs use 5e-7 … 8e-4).
         weight_decay: decoupled weight decay γ ≥ 0 (default 0).
         batch_size: B, keyword-only and required: the number of examples the loss is averaged over.
-        bias_correction: apply Adam's bias corrections (default False).{_IMPL_ARGS_DOC}
+        bias_correction: divide m by (1 − β1^t) and s by (1 − β2^t), as AdamW (default True;
+            needs s0 = 0).{_ROOTFREE_ARGS_DOC}{_IMPL_ARGS_DOC}
 
     Paper: W. Lin, F. Dangel, R. Eschenhagen, J. Bae, R. E. Turner, A. Makhzani, "Can We Remove the
     Square-Root in Adaptive Gradient Methods? A Second-Order Perspective", ICML 2024,
@@ -555,11 +739,14 @@ class RootFreeAdamW(_ElementwiseOptimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        damping: float = 1e-4,
+        damping: float = 0.0,
         weight_decay: float = 0.0,
         *,
         batch_size: float | None = None,
-        bias_correction: bool = False,
+        s0: float = 0.0,
+        bias_correction: bool = True,
+        relative_damping: float = 1.0,
+        lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -570,7 +757,10 @@ class RootFreeAdamW(_ElementwiseOptimizer):
             damping=damping,
             weight_decay=weight_decay,
             batch_size=batch_size,
+            s0=s0,
             bias_correction=bias_correction,
+            relative_damping=relative_damping,
+            lr_units=lr_units,
             state_dtype=state_dtype,
             foreach=foreach,
             fused=fused,
@@ -584,9 +774,7 @@ class RootFreeAdamW(_ElementwiseOptimizer):
         _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0)
         _check_nonnegative("damping", group["damping"], owner)
         _check_batch_size(group["batch_size"], owner)
-        if not isinstance(group["bias_correction"], bool):
-            value = group["bias_correction"]
-            raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
+        self._validate_rootfree(group)
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
@@ -606,16 +794,23 @@ class RootFreeAdamW(_ElementwiseOptimizer):
         )
 
 
-class RootFreeRMSprop(_ElementwiseOptimizer):
+class RootFreeRMSprop(_RootFreeOptimizer):
     __doc__ = rf"""Root-free RMSprop, the paper's diagonal method (Lin et al., ICML 2024, Fig. 4/7).
 
-    RMSprop with the square root removed, the B·g² curvature estimate started at s0 = 1, damping
-    outside any root, and heavy-ball momentum *after* preconditioning (the authors' ``rfrmsprop.py``)::
+    RMSprop with the square root removed, the B·g² curvature estimate s, damping outside any root,
+    and heavy-ball momentum *after* preconditioning (the authors' ``rfrmsprop.py``). The default
+    update (``lr_units="adamw"``), with ŝ = s/(1 − α^t) and λ_l = λ + ρ·mean(ŝ) per tensor::
 
-        s ← α·s + (1 − α)·B·g²             s0 = 1  (state "s")
-        u ← g / (s + λ) + γ·µ              weight decay joins the step, not preconditioned
-        b ← ρ·b + u                        b0 = 0, no dampening (state "momentum_buffer"); b = u if ρ = 0
-        µ ← µ − η·b
+        s ← α·s + (1 − α)·B·g²                   s0 = 0  (state "s")
+        u ← (1 − ϱ)·2·sqrt(B·λ_l)·g / (ŝ + λ_l)  peak per-element |u| = (1 − ϱ)·|sign g|
+        b ← ϱ·b + u                              b0 = 0 (state "momentum_buffer"); b = u if ϱ = 0
+        µ ← µ·(1 − η·γ) − η·b                    decoupled weight decay, as AdamW
+
+    so that the steady-state step of a constant gradient peaks at η, as AdamW's (the heavy ball
+    sums u/(1 − ϱ)). The paper's update is ``s0=1.0, bias_correction=False,
+    relative_damping=0.0, lr_units="paper"`` with the paper's λ (e.g. ``damping=1e-4``)::
+
+        s ← α·s + (1 − α)·B·g²  (s0 = 1);   u ← g / (s + λ) + γ·µ;   b ← ϱ·b + u;   µ ← µ − η·b
 
     ===============  ============================
     symbol           argument
@@ -623,20 +818,25 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
     η                ``lr``   (the paper's β1)
     α                ``alpha`` (1 − the paper's β2, the preconditioner step size)
     λ                ``damping``
-    ρ                ``momentum`` (the paper's α1)
+    ρ                ``relative_damping``
+    ϱ                ``momentum`` (the paper's α1)
     γ                ``weight_decay``
     B                ``batch_size``
+    s0               ``s0``
     ===============  ============================
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate η (default 1e-2).
-        alpha: second-moment decay α in [0, 1) (default 0.99).
-        damping: λ ≥ 0 (default 1e-4).
-        momentum: heavy-ball momentum ρ in [0, 1) (default 0.9).
-        weight_decay: γ ≥ 0 (default 0).
+        lr: learning rate η (default 1e-3), in AdamW's units unless ``lr_units="paper"``.
+        alpha: second-moment decay α in [0, 1) (default 0.999).
+        damping: λ ≥ 0 (default 0; the paper's runs use 5e-7 … 8e-4).
+        momentum: heavy-ball momentum ϱ in [0, 1) (default 0.9).
+        weight_decay: γ ≥ 0 (default 0): decoupled (AdamW's) in ``lr_units="adamw"``, added to
+            the step (the paper's) in ``lr_units="paper"``.
         batch_size: B, keyword-only and required: the number of examples the loss is averaged
-            over.{_IMPL_ARGS_DOC}
+            over.
+        bias_correction: divide s by (1 − α^t) (default True; needs s0 = 0).
+            {_ROOTFREE_ARGS_DOC.strip()}{_IMPL_ARGS_DOC}
 
     Paper: https://arxiv.org/abs/2402.03496 ; reference code
     https://github.com/yorkerlin/remove-the-square-root (``myoptim/rfrmsprop.py``, commit e26d7c9).
@@ -647,13 +847,17 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-2,
-        alpha: float = 0.99,
-        damping: float = 1e-4,
+        lr: float = 1e-3,
+        alpha: float = 0.999,
+        damping: float = 0.0,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         *,
         batch_size: float | None = None,
+        s0: float = 0.0,
+        bias_correction: bool = True,
+        relative_damping: float = 1.0,
+        lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -665,6 +869,10 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
             momentum=momentum,
             weight_decay=weight_decay,
             batch_size=batch_size,
+            s0=s0,
+            bias_correction=bias_correction,
+            relative_damping=relative_damping,
+            lr_units=lr_units,
             state_dtype=state_dtype,
             foreach=foreach,
             fused=fused,
@@ -677,22 +885,27 @@ class RootFreeRMSprop(_ElementwiseOptimizer):
         _check_nonnegative("damping", group["damping"], owner)
         _check_range("momentum", group["momentum"], owner, 0.0, 1.0)
         _check_batch_size(group["batch_size"], owner)
+        self._validate_rootfree(group)
 
     def _uses_buffer(self, group: dict[str, Any]) -> bool:
         return group["momentum"] != 0
 
+    def _step_gain(self, group: dict[str, Any]) -> float:
+        return 1.0 - group["momentum"]  # the heavy ball sums u/(1 − ϱ)
+
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         alpha = group["alpha"]
+        decoupled = group["lr_units"] == "adamw"
         return (
             alpha,
             (1.0 - alpha) * group["batch_size"],
-            1.0,
+            1.0 / (1.0 - alpha**step) if group["bias_correction"] else 1.0,
             group["damping"],
             group["momentum"],
             1.0,
             group["lr"],
-            1.0,
-            group["weight_decay"],
+            1.0 - group["lr"] * group["weight_decay"] if decoupled else 1.0,
+            0.0 if decoupled else group["weight_decay"],
         )
 
 
@@ -735,7 +948,6 @@ class AdaX(_ElementwiseOptimizer):
     """
 
     _second_key = "exp_avg_sq"
-    _second_init = 0.0
     _root = True
 
     def __init__(
@@ -790,20 +1002,24 @@ class AdaX(_ElementwiseOptimizer):
         )
 
 
-class RootFreeAdaX(_ElementwiseOptimizer):
+class RootFreeAdaX(_RootFreeOptimizer):
     __doc__ = rf"""Root-free AdaX: the paper's root-free update with AdaX's long-term memory.
 
-    AdaX's never-forgetting average of the per-example curvature B·g², with the root-free prior
-    s0 = 1 counted as n0 (``prior_steps``) pseudo-observations at time 0::
+    AdaX's never-forgetting average of the per-example curvature B·g², with the root-free update.
+    A prior s0 counts as n0 (``prior_steps``) pseudo-observations at time 0; the default update
+    (``lr_units="adamw"``, s0 = 0, n0 = 0) is::
 
         D_t = (1 + n0·β2)·(1 + β2)^t − 1           D_0 = n0·β2
-        β̂_t = 1 − β2 / D_t
-        m ← β1·m + (1 − β1)·g                     (state "exp_avg")
-        s ← β̂_t·s + (1 − β̂_t)·B·g²                s0 = 1  (state "s")
-        µ ← µ·(1 − η·γ) − η·m / (s + λ)
+        β̂_t = 1 − β2 / D_t                          (β̂_1 = 0 when n0 = 0: no bias to correct)
+        m ← β1·m + (1 − β1)·g                      (state "exp_avg")
+        s ← β̂_t·s + (1 − β̂_t)·B·g²                 (state "s")
+        λ_l = λ + ρ·mean(s)                        per tensor
+        µ ← µ·(1 − η·γ) − η·2·sqrt(B·λ_l)·m / (s + λ_l)
 
-    With n0 = 1 the prior and the first observation weigh equally at t = 1. D_t is carried as its
-    logarithm (``D_t = expm1(t·log1p(β2) + log1p(n0·β2))``), so it stays finite for any t.
+    ``lr_units="paper", relative_damping=0.0`` gives the plain root-free update
+    ``µ ← µ·(1 − η·γ) − η·m / (s + λ)``; ``s0=1.0, prior_steps=1.0`` its earlier prior (the prior
+    and the first observation weigh equally at t = 1). D_t is carried as its logarithm
+    (``D_t = expm1(t·log1p(β2) + log1p(n0·β2))``), so it stays finite for any t.
 
     ===============  ============================
     symbol           argument
@@ -811,22 +1027,24 @@ class RootFreeAdaX(_ElementwiseOptimizer):
     η                ``lr``
     β1, β2           ``betas`` (β2 small, as in AdaX)
     λ                ``damping``
+    ρ                ``relative_damping``
     n0               ``prior_steps``
     γ                ``weight_decay``
     B                ``batch_size``
+    s0               ``s0``
     ===============  ============================
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate η (default 1e-3).
+        lr: learning rate η (default 1e-3), in AdamW's units unless ``lr_units="paper"``.
         betas: (β1 in [0, 1), β2 in (0, 1)) (default (0.9, 1e-4)).
-        damping: λ ≥ 0 (default 1e-4).
+        damping: λ ≥ 0 (default 0).
         weight_decay: decoupled weight decay γ ≥ 0 (default 0).
-        prior_steps: n0 ≥ 0, the weight of the prior s0 = 1 in steps (default 1).
+        prior_steps: n0 ≥ 0, the weight of the prior s0 in steps (default 0).
         batch_size: B, keyword-only and required: the number of examples the loss is averaged
-            over.{_IMPL_ARGS_DOC}
+            over.{_ROOTFREE_ARGS_DOC}{_IMPL_ARGS_DOC}
 
-    This combination is new in hf_rootfree (DESIGN.md §3.4); it follows the root-free recipe of
+    This combination is new in hf_rootfree; it follows the root-free recipe of
     https://arxiv.org/abs/2402.03496 and AdaX's schedule from https://arxiv.org/abs/2004.09740 .
     """
 
@@ -835,11 +1053,14 @@ class RootFreeAdaX(_ElementwiseOptimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 1e-4),
-        damping: float = 1e-4,
+        damping: float = 0.0,
         weight_decay: float = 0.0,
-        prior_steps: float = 1.0,
+        prior_steps: float = 0.0,
         *,
         batch_size: float | None = None,
+        s0: float = 0.0,
+        relative_damping: float = 1.0,
+        lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -851,6 +1072,9 @@ class RootFreeAdaX(_ElementwiseOptimizer):
             weight_decay=weight_decay,
             prior_steps=prior_steps,
             batch_size=batch_size,
+            s0=s0,
+            relative_damping=relative_damping,
+            lr_units=lr_units,
             state_dtype=state_dtype,
             foreach=foreach,
             fused=fused,
@@ -865,6 +1089,7 @@ class RootFreeAdaX(_ElementwiseOptimizer):
         _check_nonnegative("damping", group["damping"], owner)
         _check_nonnegative("prior_steps", group["prior_steps"], owner)
         _check_batch_size(group["batch_size"], owner)
+        self._validate_rootfree(group)
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
