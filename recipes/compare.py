@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--max_steps", type=int, default=None, help="step budget (default: the recipe's)")
     parser.add_argument("--tune", type=int, default=0, metavar="N", help="lr search trials per optimizer")
     parser.add_argument("--presets", type=Path, default=PRESETS, help="presets file (default: %(default)s)")
+    parser.add_argument(
+        "--no_presets",
+        action="store_true",
+        help="give every optimizer the same TrainingArguments (the recipe's defaults and the flags "
+        "after --): only --optim changes, as for a user who keeps their AdamW command",
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/compare"))
     parser.add_argument("--push_to_hub", action="store_true", help="push each model with its card")
     args = parser.parse_args(argv)
@@ -278,7 +284,7 @@ def write_cards(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, passthrough = parse_args(argv)
-    presets = load_presets(args.presets)
+    presets = {} if args.no_presets else load_presets(args.presets)
     command = " ".join(["python", "recipes/compare.py", *(shlex.quote(a) for a in (argv or sys.argv[1:]))])
     plan = [
         (task, optim, args.seed + k)

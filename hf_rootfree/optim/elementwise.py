@@ -305,54 +305,47 @@ def _shard_groups(tensor: torch.Tensor) -> list[Any]:
 
 
 def _adaptive_scales(
-    seconds: list[torch.Tensor],
     grads: list[torch.Tensor],
     coeffs: Sequence[Coefficients],
     rho: float,
     q: float,
+    batch_size: float,
 ) -> Scales:
-    """Per-tensor (k, e) of the adaptive denominator ``d = (k·s + e)``, as float64 vectors.
+    """Per-tensor (k, e) of the adaptive denominator ``d = k·s + e``, as float64 vectors.
 
-    With ŝ = k·s the (bias-corrected) second moment after this step's update and n the number of
-    elements of the tensor::
+    With ḡ = mean(|g|) the mean absolute gradient of the tensor at this step::
 
-        λ_l = e + ρ·mean(ŝ)                       relative damping (ρ = ``relative_damping``)
-        d   = (ŝ + λ_l) / (q·sqrt(λ_l))           lr in AdamW units (q = 2·sqrt(B)·...), or
-        d   = ŝ + λ_l                             when q = 0 (the paper's lr)
+        λ_l = λ + ρ·B·ḡ²                          relative damping (ρ = ``relative_damping``)
+        d   = (k·s + λ_l) / (q·sqrt(λ_l))         lr in AdamW units (q = 2·sqrt(B)·gain), or
+        d   = k·s + λ_l                           when q = 0 (the paper's lr)
 
-    mean(ŝ) is computed from the state *before* the kernel writes it, as
-    k·(a·Σs + c·Σg²)/n, so every path (reference, foreach, fused) gets the same numbers and
-    the kernel stays one pass. For DTensors (FSDP2) the sums are all-reduced over the shards, so
-    λ_l is that of the whole tensor, as in one process. Everything stays on the device (no sync).
+    B·ḡ² is the tensor's typical per-example curvature: unlike mean(B·g²) it is not dominated by
+    the few largest entries (on a tiny BERT, damping at mean(ŝ) left the model at chance, at
+    B·ḡ² it trained like AdamW). It needs one read of the gradients, before the kernel runs, so
+    every path (reference, foreach, fused) gets the same numbers. For DTensors (FSDP2) the sums
+    are all-reduced over the shards, so λ_l is that of the whole tensor, as in one process.
+    Everything stays on the device (no host sync).
     """
-    numels = [max(t.numel(), 1) for t in seconds]  # DTensor.numel() is the global size
-    local_s, local_g = _local_tensors(seconds), _local_tensors(grads)
-    s_mean = torch._foreach_div(torch._foreach_norm(local_s, 1, dtype=torch.float32), numels)  # s ≥ 0
-    g_norm = torch._foreach_norm(local_g, 2, dtype=torch.float32)
-    g2_mean = torch._foreach_div(torch._foreach_mul(g_norm, g_norm), numels)
-    groups = [_shard_groups(t) for t in seconds]
+    numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
+    local_g = _local_tensors(grads)
+    g_mean = torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float32), numels)
+    groups = [_shard_groups(t) for t in grads]
     sharded = [i for i, gs in enumerate(groups) if gs]
     if sharded:  # FSDP2: the means of the whole tensors, summed over the shards
         import torch.distributed as dist
 
-        packed = torch.stack([s_mean[i] for i in sharded] + [g2_mean[i] for i in sharded])
+        packed = torch.stack([g_mean[i] for i in sharded])
         for group in groups[sharded[0]]:
             dist.all_reduce(packed, group=group)
-        reduced = packed.unbind()
-        for j, i in enumerate(sharded):
-            s_mean[i], g2_mean[i] = reduced[j], reduced[len(sharded) + j]
-    device = local_s[0].device
-    mean_old = torch.stack(s_mean).to(torch.float64)
-    mean_g2 = torch.stack(g2_mean).to(torch.float64)
+        for i, value in zip(sharded, packed.unbind()):
+            g_mean[i] = value
+    g_bar = torch.stack(g_mean).to(torch.float64)
+    device = g_bar.device
     if len(coeffs) == 1:
-        a, c, k, e = coeffs[0][:4]
+        k, e = coeffs[0][2:4]
     else:
-        a, c, k, e = (
-            torch.tensor(col, dtype=torch.float64).to(device, non_blocking=True)
-            for col in list(zip(*coeffs))[:4]
-        )
-    mean_s = k * (a * mean_old + c * mean_g2)
-    lam = (e + rho * mean_s).clamp_min(_FLOAT32_TINY)
+        k, e = (torch.tensor(col, dtype=torch.float64).to(device) for col in list(zip(*coeffs))[2:4])
+    lam = (e + rho * batch_size * g_bar * g_bar).clamp_min(_FLOAT32_TINY)
     k_vec = torch.full_like(lam, 1.0) * k
     if q > 0:
         scale = q * lam.sqrt()
@@ -392,8 +385,8 @@ class _ElementwiseOptimizer(Optimizer):
     def _uses_buffer(self, group: dict[str, Any]) -> bool:
         return True
 
-    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
-        """``(ρ, q)`` of the data-dependent denominator (:func:`_adaptive_scales`), or None.
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
+        """``(ρ, q, B)`` of the data-dependent denominator (:func:`_adaptive_scales`), or None.
 
         None keeps the fixed ``d = k·s + e`` of the coefficients (the paper's update).
         """
@@ -573,7 +566,7 @@ class _ElementwiseOptimizer(Optimizer):
                 cache = {t: self._coefficients(group, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
             adaptive = self._adaptive(group)
-            scales = None if adaptive is None else _adaptive_scales(seconds, grads, coeffs, *adaptive)
+            scales = None if adaptive is None else _adaptive_scales(grads, coeffs, *adaptive)
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
             params, grads, bufs, seconds = (_local_tensors(ts) for ts in (params, grads, bufs, seconds))
@@ -607,7 +600,8 @@ _ROOTFREE_ARGS_DOC = """
         s0: initial value of s, ≥ 0 (default 0: s is an average of B·g² from the first step).
             The paper's prior is 1.
         relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's mean curvature:
-            λ_l = λ + ρ·mean(ŝ) (default 1). 0 gives the paper's fixed λ.
+            λ_l = λ + ρ·B·ḡ², ḡ = mean(|g|) over the tensor at this step (default 0.3). 0 gives
+            the paper's fixed λ.
         lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the step of every tensor is
             scaled by 2·sqrt(B·λ_l), so that its largest per-element step equals η, as AdamW's
             does. ``"paper"``: η multiplies m/(ŝ + λ_l) as in the paper."""
@@ -624,7 +618,8 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
     choices make an AdamW learning rate and weight decay carry over unchanged (``lr_units=
     "adamw"``, ``relative_damping`` ρ > 0, the default):
 
-    * λ_l = λ + ρ·mean(ŝ) per tensor: the damping follows the tensor's own curvature scale, which on
+    * λ_l = λ + ρ·B·ḡ² per tensor (ḡ = mean |g| over its elements at this step): the damping follows
+      the tensor's own typical curvature, which on
       transformers spans 1e-10 … 1e-4 across layers, where one fixed λ fits none of them;
     * the step of one element, η·g/(B·g² + λ_l), peaks at Δmax = η/(2·sqrt(B·λ_l)) at
       B·g² = λ_l; multiplying it by 2·sqrt(B·λ_l) makes that peak η, AdamW's per-element step.
@@ -665,12 +660,12 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
                     "wherever the gradient has been 0; set damping > 0 or relative_damping > 0"
                 )
 
-    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
         adamw_units = group["lr_units"] == "adamw"
         if group["relative_damping"] == 0 and not adamw_units:
             return None
         q = 2.0 * math.sqrt(group["batch_size"]) * self._step_gain(group) if adamw_units else 0.0
-        return group["relative_damping"], q
+        return group["relative_damping"], q, group["batch_size"]
 
     def _step_gain(self, group: dict[str, Any]) -> float:
         """What the momentum does to the steady-state step (1 for an average of g)."""
@@ -696,7 +691,7 @@ class RootFreeAdamW(_RootFreeOptimizer):
         m ← β1·m + (1 − β1)·g                    m0 = 0  (state "exp_avg")
         s ← β2·s + (1 − β2)·B·g²                 s0 = 0  (state "s")
         m̂ = m/(1 − β1^t),  ŝ = s/(1 − β2^t)       bias correction (``bias_correction``)
-        λ_l = λ + ρ·mean(ŝ)                      per tensor, over its elements
+        λ_l = λ + ρ·B·ḡ²,  ḡ = mean(|g|)           per tensor, over its elements
         µ ← µ − η·2·sqrt(B·λ_l)·m̂ / (ŝ + λ_l)
 
     A tensor's step peaks at η for elements with B·g² ≈ λ_l and falls as 1/g above it: an AdamW
@@ -745,7 +740,7 @@ class RootFreeAdamW(_RootFreeOptimizer):
         batch_size: float | None = None,
         s0: float = 0.0,
         bias_correction: bool = True,
-        relative_damping: float = 1.0,
+        relative_damping: float = 0.3,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -799,7 +794,8 @@ class RootFreeRMSprop(_RootFreeOptimizer):
 
     RMSprop with the square root removed, the B·g² curvature estimate s, damping outside any root,
     and heavy-ball momentum *after* preconditioning (the authors' ``rfrmsprop.py``). The default
-    update (``lr_units="adamw"``), with ŝ = s/(1 − α^t) and λ_l = λ + ρ·mean(ŝ) per tensor::
+    update (``lr_units="adamw"``), with ŝ = s/(1 − α^t) and λ_l = λ + ρ·B·ḡ² per tensor
+    (ḡ = mean(|g|) over the tensor at this step)::
 
         s ← α·s + (1 − α)·B·g²                   s0 = 0  (state "s")
         u ← (1 − ϱ)·2·sqrt(B·λ_l)·g / (ŝ + λ_l)  peak per-element |u| = (1 − ϱ)·|sign g|
@@ -856,7 +852,7 @@ class RootFreeRMSprop(_RootFreeOptimizer):
         batch_size: float | None = None,
         s0: float = 0.0,
         bias_correction: bool = True,
-        relative_damping: float = 1.0,
+        relative_damping: float = 0.3,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -1013,7 +1009,7 @@ class RootFreeAdaX(_RootFreeOptimizer):
         β̂_t = 1 − β2 / D_t                          (β̂_1 = 0 when n0 = 0: no bias to correct)
         m ← β1·m + (1 − β1)·g                      (state "exp_avg")
         s ← β̂_t·s + (1 − β̂_t)·B·g²                 (state "s")
-        λ_l = λ + ρ·mean(s)                        per tensor
+        λ_l = λ + ρ·B·ḡ²,  ḡ = mean(|g|)             per tensor
         µ ← µ·(1 − η·γ) − η·2·sqrt(B·λ_l)·m / (s + λ_l)
 
     ``lr_units="paper", relative_damping=0.0`` gives the plain root-free update
@@ -1059,7 +1055,7 @@ class RootFreeAdaX(_RootFreeOptimizer):
         *,
         batch_size: float | None = None,
         s0: float = 0.0,
-        relative_damping: float = 1.0,
+        relative_damping: float = 0.3,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,

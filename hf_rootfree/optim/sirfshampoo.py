@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
-from .elementwise import _BATCH_SIZE_HELP, _check_batch_size, _check_nonnegative, _check_range
+from .elementwise import _BATCH_SIZE_HELP, _LR_UNITS, _check_batch_size, _check_nonnegative, _check_range
 from .structures import STRUCTURES, Structure, _times, make_structure
 
 __all__ = ["SIRFShampoo"]
@@ -232,6 +232,17 @@ class SIRFShampoo(Optimizer):
     and at every step, with no root, inverse or decomposition anywhere::
 
         P = G ×_1 (K_1K_1ᵀ) ×_2 … ×_N (K_NK_Nᵀ)
+
+    then, by default (``lr_units="adamw"``: β1 is an AdamW learning rate and κ AdamW's weight
+    decay), with n the number of elements of the parameter::
+
+        P ← (1 − α1)·P / RMS(P),   RMS(P) = ‖P‖_F / sqrt(n)
+        b ← α1·b + P;   µ ← µ·(1 − β1·κ) − β1·b
+
+    so the step of a steady direction has RMS β1 (≈ 0.23·β1 for pure noise), as AdamW's. The
+    rescaling is one scalar per parameter; the direction stays the root-free Kronecker one. The
+    paper's update (``lr_units="paper"``) is::
+
         b ← α1·b + (P + κ·µ);   µ ← µ − β1·b
 
     ===============  ==============================  ============================================
@@ -249,7 +260,8 @@ class SIRFShampoo(Optimizer):
     T                ``update_freq``                 factor update every T steps
     ===============  ==============================  ============================================
 
-    With ``structures="dense"``, ``merge_dims=False`` and ``max_dense_dim=None`` this is the
+    With ``structures="dense"``, ``merge_dims=False``, ``max_dense_dim=None`` and
+    ``lr_units="paper"`` this is the
     algorithm of the reference package ``sirfshampoo==0.0.1`` (``SIRFShampoo(model, lr,
     beta2=precond_lr, alpha1=momentum, alpha2=precond_momentum, lam=damping, kappa=weight_decay,
     batch_size=B, T=update_freq)``), including its rescaling of the factors inside the products.
@@ -290,6 +302,9 @@ class SIRFShampoo(Optimizer):
             initialized; ``False``: every rank does all of it.
         trainer_model: the same as ``model``, under the name the Trainer integration passes it
             (the Trainer takes a ``model`` keyword argument for the parameters themselves).
+        lr_units: ``"adamw"`` (default): each parameter's preconditioned step is rescaled to an
+            RMS of (1 − α1) and weight decay is decoupled, so ``lr`` and ``weight_decay`` mean
+            what they mean to AdamW; ``"paper"``: the paper's (and the reference's) update.
 
     State (all tensors, in ``self.state[p]`` of the block's first parameter): ``factor_n``,
     ``factor_momentum_n``, ``precond_n`` (the cached, rescaled K_nK_nᵀ, kept where that is
@@ -324,6 +339,7 @@ class SIRFShampoo(Optimizer):
         share_bias: bool = True,
         distributed: bool | None = None,
         trainer_model: nn.Module | None = None,
+        lr_units: str = "adamw",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -343,6 +359,7 @@ class SIRFShampoo(Optimizer):
             large_dim_structure=large_dim_structure,
             share_bias=share_bias,
             distributed=distributed,
+            lr_units=lr_units,
         )
         self._normalize_group(defaults)
         if model is None:
@@ -383,6 +400,8 @@ class SIRFShampoo(Optimizer):
                 f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
                 f"{group['large_dim_structure']!r}"
             )
+        if group.get("lr_units", "paper") not in _LR_UNITS:
+            raise ValueError(f"{_OWNER}: lr_units must be one of {_LR_UNITS}, got {group['lr_units']!r}")
         for flag in ("merge_dims", "share_bias"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
@@ -552,6 +571,8 @@ class SIRFShampoo(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_blocks_cache", None)
         self.__dict__.setdefault("_host_steps", {})
+        for group in self.param_groups:  # pickles from before lr_units: the paper's update
+            group.setdefault("lr_units", "paper")
 
     # -- step --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -629,6 +650,7 @@ class SIRFShampoo(Optimizer):
                 owned = [b for b, owner in zip(work, share) if owner == rank]
                 if owned:
                     self._exchange(owned, [b for b in owned if id(b) in is_due], full, src=rank)
+        self._to_adamw_units(full)
         updates = {p: _local_part(u, p) for p, u in full.items()}
         for block in active:
             if block.empty:
@@ -777,6 +799,26 @@ class SIRFShampoo(Optimizer):
                 if p.grad is not None:
                     updates[p] = part  # the whole tensor's update, also for a DTensor parameter
 
+    def _to_adamw_units(self, full: dict[Tensor, Tensor]) -> None:
+        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) per parameter, in place.
+
+        The heavy ball then sums to an RMS of 1 for a steady direction and ≈ 0.23 for pure
+        noise (α1 = 0.9), as AdamW's m̂/sqrt(v̂) does, so AdamW's learning rate carries over. The
+        whole tensor's update is used (also for a DTensor), so the scale is that of one process.
+        """
+        for group in self.param_groups:
+            if group["lr_units"] != "adamw":
+                continue
+            params = [p for p in group["params"] if p in full]
+            if not params:
+                continue
+            tensors = [full[p] for p in params]
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+            gain = 1.0 - group["momentum"]
+            factors = torch._foreach_reciprocal(torch._foreach_clamp_min(norms, 1e-30))
+            torch._foreach_mul_(factors, [gain * math.sqrt(max(t.numel(), 1)) for t in tensors])
+            torch._foreach_mul_(tensors, [f.to(t.dtype) for f, t in zip(factors, tensors)])
+
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """b ← α1·b + (P + κ·µ);  µ ← µ − β1·b, with foreach ops per group where dtypes allow."""
         for group in self.param_groups:
@@ -793,6 +835,9 @@ class SIRFShampoo(Optimizer):
                 steps.append(state["step"])
             torch._foreach_add_(steps, 1.0)  # CPU tensors: no device sync
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            if group["lr_units"] == "adamw" and decay != 0:  # decoupled, as AdamW: µ ← µ·(1 − η·κ)
+                torch._foreach_mul_([_local(p) for p in params], 1.0 - lr * decay)
+                decay = 0.0
             fast, slow = [], []
             for p in params:
                 same = p.dtype == self._buffer_dtype(p) == updates[p].dtype
