@@ -16,6 +16,7 @@ import oracle
 import torch
 
 from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
+from hf_rootfree.optim.elementwise import PAPER_MODE
 
 #: the --optim names and the classes they must build (spelled out, not read from the registry)
 NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax", "sirfshampoo"]
@@ -40,7 +41,7 @@ def _adam_style_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Ten
 
 
 def _rmsprop_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {"s": o["s"], "momentum_buffer": o["b"]} if case.kwargs["momentum"] else {"s": o["s"]}
+    return {"s": o["s"], "momentum_buffer": o["b"]} if case.kwargs.get("momentum", 0.9) else {"s": o["s"]}
 
 
 def _adax_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -77,34 +78,72 @@ OPTIM_DB: list[OptimCase] = [
     OptimCase(
         "rootfree_adamw",
         RootFreeAdamW,
-        dict(lr=2e-2, betas=(0.8, 0.95), damping=1e-3, weight_decay=0.1, batch_size=32),
+        dict(lr=2e-2, betas=(0.8, 0.95), damping=1e-3, weight_decay=0.1, batch_size=32, **PAPER_MODE),
         oracle.rootfree_adamw,
         _adam_style_state,
         "s",
         train_lr=0.3,
     ),
     OptimCase(
-        "rootfree_adamw_bias_correction",
+        "rootfree_adamw_bias_correction_paper_lr",
         RootFreeAdamW,
-        dict(lr=1e-2, betas=(0.9, 0.95), damping=5e-2, weight_decay=0.05, batch_size=8, bias_correction=True),
+        dict(
+            lr=1e-2,
+            betas=(0.9, 0.95),
+            damping=5e-2,
+            weight_decay=0.05,
+            batch_size=8,
+            **{**PAPER_MODE, "s0": 0.0, "bias_correction": True},
+        ),
         oracle.rootfree_adamw,
         _adam_style_state,
         "s",
         train_lr=1.0,
+        second_init=0.0,
+    ),
+    OptimCase(
+        "rootfree_adamw_default",
+        RootFreeAdamW,
+        dict(lr=1e-2, weight_decay=0.1, batch_size=32),
+        oracle.rootfree_adamw,
+        _adam_style_state,
+        "s",
+        train_lr=0.05,
+        second_init=0.0,
+    ),
+    OptimCase(
+        "rootfree_adamw_adaptive_damping_paper_lr",
+        RootFreeAdamW,
+        dict(lr=1e-2, betas=(0.8, 0.95), damping=1e-4, relative_damping=2.0, lr_units="paper", batch_size=8),
+        oracle.rootfree_adamw,
+        _adam_style_state,
+        "s",
+        train_lr=0.01,
+        second_init=0.0,
     ),
     OptimCase(
         "rootfree_rmsprop",
         RootFreeRMSprop,
-        dict(lr=1e-2, alpha=0.95, damping=1e-3, momentum=0.8, weight_decay=0.1, batch_size=32),
+        dict(lr=1e-2, alpha=0.95, damping=1e-3, momentum=0.8, weight_decay=0.1, batch_size=32, **PAPER_MODE),
         oracle.rootfree_rmsprop,
         _rmsprop_state,
         "s",
         train_lr=0.1,
     ),
     OptimCase(
+        "rootfree_rmsprop_default",
+        RootFreeRMSprop,
+        dict(lr=1e-2, alpha=0.95, weight_decay=0.1, batch_size=32),
+        oracle.rootfree_rmsprop,
+        _rmsprop_state,
+        "s",
+        train_lr=0.05,
+        second_init=0.0,
+    ),
+    OptimCase(
         "rootfree_rmsprop_no_momentum",
         RootFreeRMSprop,
-        dict(lr=2e-2, alpha=0.9, damping=1e-2, momentum=0.0, weight_decay=0.05, batch_size=16),
+        dict(lr=2e-2, alpha=0.9, damping=1e-2, momentum=0.0, weight_decay=0.05, batch_size=16, **PAPER_MODE),
         oracle.rootfree_rmsprop,
         _rmsprop_state,
         "s",
@@ -123,16 +162,46 @@ OPTIM_DB: list[OptimCase] = [
     OptimCase(
         "rootfree_adax",
         RootFreeAdaX,
-        dict(lr=2e-2, betas=(0.8, 1e-3), damping=1e-3, weight_decay=0.1, prior_steps=2.0, batch_size=32),
+        dict(
+            lr=2e-2,
+            betas=(0.8, 1e-3),
+            damping=1e-3,
+            weight_decay=0.1,
+            prior_steps=2.0,
+            batch_size=32,
+            s0=1.0,
+            relative_damping=0.0,
+            lr_units="paper",
+        ),
         oracle.rootfree_adax,
         _adam_style_state,
         "s",
         train_lr=0.3,
     ),
     OptimCase(
+        "rootfree_adax_default",
+        RootFreeAdaX,
+        dict(lr=1e-2, betas=(0.8, 1e-3), weight_decay=0.1, batch_size=32),
+        oracle.rootfree_adax,
+        _adam_style_state,
+        "s",
+        train_lr=0.05,
+        second_init=0.0,
+    ),
+    OptimCase(
         "rootfree_adax_no_prior",
         RootFreeAdaX,
-        dict(lr=1e-2, betas=(0.9, 1e-3), damping=1e-2, weight_decay=0.01, prior_steps=0.0, batch_size=4),
+        dict(
+            lr=1e-2,
+            betas=(0.9, 1e-3),
+            damping=1e-2,
+            weight_decay=0.01,
+            prior_steps=0.0,
+            batch_size=4,
+            s0=1.0,
+            relative_damping=0.0,
+            lr_units="paper",
+        ),
         oracle.rootfree_adax,
         _adam_style_state,
         "s",

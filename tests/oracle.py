@@ -1,4 +1,4 @@
-"""A naive float64 oracle for the element-wise optimizers, written from DESIGN.md §3.1–3.4.
+"""A naive float64 oracle for the element-wise optimizers, written from their equations.
 
 Each function takes one parameter ``mu`` and its mean gradient ``g`` (float64 tensors), a plain
 dict ``state`` that it fills on first use, and the hyperparameters under their public names, and
@@ -21,18 +21,46 @@ def _float64(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float64).clone()
 
 
-def rootfree_adamw(
-    mu, g, state, *, lr, betas, damping, weight_decay, batch_size, bias_correction=False
-) -> torch.Tensor:
-    """DESIGN §3.1: RootFreeAdamW.
+def _adaptive_denominator(s_hat, g, *, lam, rho, lr_units, B, gain=1.0):
+    """The root-free denominator d with the per-tensor damping and the lr units.
 
-    µ ← µ·(1 − η·γ);  m ← β1·m + (1 − β1)·g;  s ← β2·s + (1 − β2)·B·g²;  µ ← µ − η·m / (s + λ),
-    with m0 = 0, s0 = 1; ``bias_correction`` divides m by (1 − β1^t) and s by (1 − β2^t).
+    λ_l = λ + ρ·B·ḡ² with ḡ = mean(|g|) over this tensor; d = ŝ + λ_l, and in AdamW units
+    d = (ŝ + λ_l) / (gain·2·sqrt(B·λ_l)), so that the step η·g/d peaks at gain·η.
+    """
+    g_bar = g.abs().mean().item() if g.numel() else 0.0
+    lam_l = max(lam + rho * B * g_bar**2, torch.finfo(torch.float32).tiny)
+    d = s_hat + lam_l
+    if lr_units == "adamw":
+        d = d / (gain * 2 * (B * lam_l) ** 0.5)
+    return d
+
+
+def rootfree_adamw(
+    mu,
+    g,
+    state,
+    *,
+    lr,
+    betas=(0.9, 0.999),
+    damping=0.0,
+    weight_decay=0.0,
+    batch_size,
+    bias_correction=True,
+    s0=0.0,
+    relative_damping=0.3,
+    lr_units="adamw",
+) -> torch.Tensor:
+    """RootFreeAdamW.
+
+    µ ← µ·(1 − η·γ);  m ← β1·m + (1 − β1)·g;  s ← β2·s + (1 − β2)·B·g²;  ``bias_correction``
+    divides m by (1 − β1^t) and s by (1 − β2^t);  µ ← µ − η·m / d with d of
+    :func:`_adaptive_denominator` (the paper: s0 = 1, no bias correction, ρ = 0, paper units:
+    d = s + λ).
     """
     eta, (beta1, beta2), lam, gamma, B = lr, betas, damping, weight_decay, batch_size
     mu, g = _float64(mu), _float64(g)
     if not state:
-        state.update(t=0, m=torch.zeros_like(mu), s=torch.ones_like(mu))
+        state.update(t=0, m=torch.zeros_like(mu), s=torch.full_like(mu, s0))
     state["t"] += 1
     t = state["t"]
     mu = mu * (1 - eta * gamma)
@@ -42,22 +70,45 @@ def rootfree_adamw(
     if bias_correction:
         m = m / (1 - beta1**t)
         s = s / (1 - beta2**t)
-    return mu - eta * m / (s + lam)
+    d = _adaptive_denominator(s, g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B)
+    return mu - eta * m / d
 
 
-def rootfree_rmsprop(mu, g, state, *, lr, alpha, damping, momentum, weight_decay, batch_size) -> torch.Tensor:
-    """DESIGN §3.2: RootFreeRMSprop (heavy-ball momentum after preconditioning).
+def rootfree_rmsprop(
+    mu,
+    g,
+    state,
+    *,
+    lr,
+    alpha=0.999,
+    damping=0.0,
+    momentum=0.9,
+    weight_decay,
+    batch_size,
+    bias_correction=True,
+    s0=0.0,
+    relative_damping=0.3,
+    lr_units="adamw",
+) -> torch.Tensor:
+    """RootFreeRMSprop (heavy-ball momentum after preconditioning).
 
-    s ← α·s + (1 − α)·B·g²;  u ← g / (s + λ) + γ·µ;  b ← ρ·b + u (b = u if ρ = 0);  µ ← µ − η·b,
-    with s0 = 1, b0 = 0.
+    s ← α·s + (1 − α)·B·g² (ŝ = s/(1 − α^t) with ``bias_correction``);  u ← g / d (+ γ·µ in paper
+    units);  b ← ρ·b + u (b = u if ρ = 0);  µ ← µ·(1 − η·γ in AdamW units) − η·b, with d of
+    :func:`_adaptive_denominator` at gain 1 − ρ.
     """
     eta, lam, rho, gamma, B = lr, damping, momentum, weight_decay, batch_size
     mu, g = _float64(mu), _float64(g)
     if not state:
-        state.update(t=0, s=torch.ones_like(mu))
+        state.update(t=0, s=torch.full_like(mu, s0))
     state["t"] += 1
     state["s"] = alpha * state["s"] + (1 - alpha) * B * g**2
-    u = g / (state["s"] + lam) + gamma * mu
+    s = state["s"] / (1 - alpha ** state["t"]) if bias_correction else state["s"]
+    d = _adaptive_denominator(s, g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B, gain=1 - rho)
+    if lr_units == "adamw":
+        mu = mu * (1 - eta * gamma)
+        u = g / d
+    else:
+        u = g / d + gamma * mu
     if rho == 0:
         b = u
     else:
@@ -94,18 +145,34 @@ def rootfree_adax_d(t: int, beta2: float, prior_steps: float) -> float:
     return (1 + prior_steps * beta2) * (1 + beta2) ** t - 1
 
 
-def rootfree_adax(mu, g, state, *, lr, betas, damping, weight_decay, prior_steps, batch_size) -> torch.Tensor:
-    """DESIGN §3.4: RootFreeAdaX.
+def rootfree_adax(
+    mu,
+    g,
+    state,
+    *,
+    lr,
+    betas=(0.9, 1e-4),
+    damping=0.0,
+    weight_decay,
+    prior_steps=0.0,
+    batch_size,
+    s0=0.0,
+    relative_damping=0.3,
+    lr_units="adamw",
+) -> torch.Tensor:
+    """RootFreeAdaX.
 
     D_t = (1 + n0·β2)·(1 + β2)^t − 1;  β̂_t = 1 − β2 / D_t;  m ← β1·m + (1 − β1)·g;
-    s ← β̂_t·s + (1 − β̂_t)·B·g²;  µ ← µ·(1 − η·γ) − η·m / (s + λ), with m0 = 0, s0 = 1.
+    s ← β̂_t·s + (1 − β̂_t)·B·g²;  µ ← µ·(1 − η·γ) − η·m / d, with d of
+    :func:`_adaptive_denominator`.
     """
     eta, (beta1, beta2), lam, gamma, n0, B = lr, betas, damping, weight_decay, prior_steps, batch_size
     mu, g = _float64(mu), _float64(g)
     if not state:
-        state.update(t=0, m=torch.zeros_like(mu), s=torch.ones_like(mu))
+        state.update(t=0, m=torch.zeros_like(mu), s=torch.full_like(mu, s0))
     state["t"] += 1
     beta_hat = 1 - beta2 / rootfree_adax_d(state["t"], beta2, n0)
     state["m"] = beta1 * state["m"] + (1 - beta1) * g
     state["s"] = beta_hat * state["s"] + (1 - beta_hat) * B * g**2
-    return mu * (1 - eta * gamma) - eta * state["m"] / (state["s"] + lam)
+    d = _adaptive_denominator(state["s"], g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B)
+    return mu * (1 - eta * gamma) - eta * state["m"] / d

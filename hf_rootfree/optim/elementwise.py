@@ -12,7 +12,7 @@ the *coefficients* ``(a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add)``::
     heavy-ball momentum (momentum after preconditioning, RootFreeRMSprop):
         u <- g / d + wd_add·p                     weight decay joins the step, not preconditioned
         b <- m_decay·b + u                        (no buffer when momentum = 0: b = u)
-        p <- p − lr·b
+        p <- p·p_mul − lr·b                       p_mul = 1 − η·γ in AdamW units, else 1
 
 Each optimizer class only says how its hyperparameters and the step t map to the coefficients
 (:meth:`_ElementwiseOptimizer._coefficients`); the math lives here, three times over:
@@ -171,7 +171,7 @@ def _single_tensor_step(
             if bufs:
                 u = bufs[i].to(dtype) * m_decay + u
                 bufs[i].copy_(u)
-            x = x - lr * u
+            x = x * p_mul - lr * u
         else:
             m = bufs[i].to(dtype) * m_decay + m_gain * g
             bufs[i].copy_(m)
@@ -251,6 +251,8 @@ def _multi_tensor_step(
                 torch._foreach_mul_(b, m_decay)
                 torch._foreach_add_(b, u)
                 u = b
+            if _any_not(p_mul, 1.0):
+                torch._foreach_mul_(x, p_mul)
             _foreach_axpy_(x, u, neg_lr)
         else:
             torch._foreach_mul_(b, m_decay)
@@ -328,7 +330,8 @@ def _adaptive_scales(
     """
     numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
     local_g = _local_tensors(grads)
-    g_mean = torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float32), numels)
+    sum_dtype = _compute_dtype(*local_g)  # float32, or float64 for float64 gradients
+    g_mean = torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=sum_dtype), numels)
     groups = [_shard_groups(t) for t in grads]
     sharded = [i for i, gs in enumerate(groups) if gs]
     if sharded:  # FSDP2: the means of the whole tensors, summed over the shards

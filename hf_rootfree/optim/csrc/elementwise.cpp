@@ -10,7 +10,7 @@
 //   heavy-ball (precondition_first = true):
 //       u <- g / d + wd_add * p
 //       b <- m_decay*b + u          (only if a buffer is given; otherwise b = u)
-//       p <- p - lr * b
+//       p <- p*p_mul - lr * b
 //
 // coeffs is a float64 CPU tensor of shape [n or 1, 9] with columns
 //   a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
@@ -56,7 +56,7 @@ void step_contiguous(P* __restrict__ p, const P* __restrict__ g, S* __restrict__
           u = k.m_decay * static_cast<C>(m[i]) + u;
           m[i] = static_cast<S>(u);
         }
-        p[i] = static_cast<P>(pi - k.lr * u);
+        p[i] = static_cast<P>(pi * k.p_mul - k.lr * u);
       } else {
         const C mi = k.m_decay * static_cast<C>(m[i]) + k.m_gain * gi;
         m[i] = static_cast<S>(mi);
