@@ -51,6 +51,17 @@ def _extension_name() -> str:
     return f"hf_rootfree_elementwise_{digest.hexdigest()[:12]}"
 
 
+def _is_cached() -> bool:
+    """Whether a built kernel for this source, torch and CPU is already in the extensions cache."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        name = _extension_name()
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private torch helper: if it moved, announce the build anyway
+        return False
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
@@ -87,7 +98,14 @@ def fused_kernel_available() -> bool:
         if hasattr(torch.ops.hf_rootfree, "fused_elementwise_step_"):
             _state["ok"] = True
             return True
-        logger.info("hf_rootfree: building the fused CPU kernel (once per machine, ~15 s)")
+        if _is_cached():
+            logger.info("hf_rootfree: loading the fused CPU kernel from the torch extensions cache")
+        else:  # a silent minute at step 0 looks like a hang: say what is happening
+            logger.warning(
+                "hf_rootfree: building the fused CPU kernel of the element-wise optimizers (a C++ "
+                "compile, once per machine and torch version, usually 15-80 s; cached under "
+                "TORCH_EXTENSIONS_DIR). Training starts when it is done."
+            )
         try:
             _build()
             _state["ok"] = True
