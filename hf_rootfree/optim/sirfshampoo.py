@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,9 @@ from .structures import STRUCTURES, Structure, _times, make_structure
 __all__ = ["SIRFShampoo"]
 
 _OWNER = "SIRFShampoo"
+#: diagnostics() warns once when a block skipped at least this many factor updates, and at least
+#: half of those it attempted
+_SKIP_WARN_MIN = 3
 
 #: group options that shape or drive the preconditioner: blocks that share a preconditioner, or
 #: are batched together, must agree on all of them
@@ -299,7 +303,9 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
     update: without it, late small updates round away and the loss ended ~10% higher in our bf16
     runs); per parameter ``step`` (float64, CPU) and ``momentum_buffer``.
     A factor update whose gradient or result is not finite is skipped (old factors kept) and
-    counted in ``skipped_factor_updates``.
+    counted in ``skipped_factor_updates``; :meth:`diagnostics` warns once when a block skips
+    repeatedly (e.g. ``precond_dtype=torch.float16`` with a large B·g²). The check is there, not in
+    ``step()``, because reading the device counter synchronizes.
     """
 
     def __init__(
@@ -911,16 +917,23 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
     def diagnostics(self) -> dict[str, float]:
         """Statistics for logging (reads the state, so it syncs: call it at logging steps).
 
-        ``skipped_factor_updates``: factor updates rejected as non-finite, summed over blocks;
+        ``skipped_factor_updates``: factor updates rejected as non-finite, summed over blocks (a
+        ``RuntimeWarning``, once, when a block skipped at least 3 and at least half of its updates:
+        its preconditioner no longer adapts);
         ``precond_trace_mean``: mean over blocks of Π_n tr(K_nK_nᵀ)/d_n, the average scale of the
         preconditioner (1 at the start).
         """
-        skipped, traces = 0, []
+        skipped, traces, stuck = 0, [], []
         for block in self._blocks():
             state = self.state.get(block.owner, {})
             if "precond_scale" not in state:
                 continue
-            skipped += int(state["skipped_factor_updates"])
+            block_skipped = int(state["skipped_factor_updates"])
+            skipped += block_skipped
+            steps = self._host_step(block.owner)
+            attempts = (steps - 1) // self._group_of(block.owner)["update_freq"] + 1 if steps else 0
+            if block_skipped >= _SKIP_WARN_MIN and 2 * block_skipped >= attempts:
+                stuck.append((block, block_skipped, attempts))
             value = float(state["precond_scale"])
             for a, struct in enumerate(block.structures):
                 cached = state.get(f"precond_{a}")
@@ -930,9 +943,34 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 else:
                     value *= float(_kkt_average_trace(struct, cached.double()))
             traces.append(value)
+        if stuck and not self.__dict__.get("_warned_skips"):
+            self._warned_skips = True
+            self._warn_skips(stuck)
         if not traces:
             return {}
         return {"skipped_factor_updates": float(skipped), "precond_trace_mean": sum(traces) / len(traces)}
+
+    def _warn_skips(self, stuck: list[tuple[_Block, int, int]]) -> None:
+        """Warn (once) that factor updates keep being skipped: the step then drifts towards SGD."""
+        block, count, attempts = stuck[0]
+        name = block.name or f"parameter of shape {tuple(block.owner.shape)}"
+        dtype = str(block.dtype).removeprefix("torch.")
+        hint = (
+            f"precond_dtype={dtype} overflows: use precond_dtype=torch.bfloat16 or torch.float32"
+            if block.dtype == torch.float16
+            else "use a wider precond_dtype (float32)"
+            if block.dtype == torch.bfloat16
+            else "check the gradients for inf/NaN (loss scaling?)"
+        )
+        warnings.warn(
+            f"{_OWNER}: factor updates are being skipped as non-finite in {len(stuck)} block(s), e.g. "
+            f"{name}: {count} of {attempts} updates. A skipped update keeps the old factors, so the "
+            f"preconditioner stops adapting and the step degrades towards SGD. Likely cause: B·g² "
+            f"is too large for the factors' {dtype}; {hint}, or raise damping / lower precond_lr. "
+            "(Warned once; diagnostics()['skipped_factor_updates'] counts them.)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _cache_kkt(struct: Structure, dims: tuple[int, ...], axis: int, update_freq: int) -> bool:
