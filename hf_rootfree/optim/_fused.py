@@ -62,6 +62,19 @@ def _is_cached() -> bool:
         return False
 
 
+def _announce_build() -> None:
+    """Say what the first step waits for: a silent minute at step 0 looks like a hang. A warning,
+    because stock training scripts show warnings but hide info logs."""
+    if _is_cached():
+        logger.info("hf_rootfree: loading the fused CPU kernel from the torch extensions cache")
+    else:
+        logger.warning(
+            "hf_rootfree: building the fused CPU kernel of the element-wise optimizers (a C++ "
+            "compile, once per machine and torch version, usually 15-80 s; cached under "
+            "TORCH_EXTENSIONS_DIR). Training starts when it is done."
+        )
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
@@ -98,14 +111,7 @@ def fused_kernel_available() -> bool:
         if hasattr(torch.ops.hf_rootfree, "fused_elementwise_step_"):
             _state["ok"] = True
             return True
-        if _is_cached():
-            logger.info("hf_rootfree: loading the fused CPU kernel from the torch extensions cache")
-        else:  # a silent minute at step 0 looks like a hang: say what is happening
-            logger.warning(
-                "hf_rootfree: building the fused CPU kernel of the element-wise optimizers (a C++ "
-                "compile, once per machine and torch version, usually 15-80 s; cached under "
-                "TORCH_EXTENSIONS_DIR). Training starts when it is done."
-            )
+        _announce_build()
         try:
             _build()
             _state["ok"] = True
