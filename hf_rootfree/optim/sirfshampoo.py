@@ -599,8 +599,13 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     self._host_steps[p] = int(step)
         self._blocks_cache = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the model decides which weight and bias share a block: a copy must keep it
+        return {**super().__getstate__(), "_model": self._model}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_model", None)
         self.__dict__.setdefault("_blocks_cache", None)
         self.__dict__.setdefault("_host_steps", {})
 
