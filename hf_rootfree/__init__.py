@@ -3,11 +3,10 @@
 Optimizers from Lin et al., "Can We Remove the Square-Root in Adaptive Gradient Methods? A
 Second-Order Perspective" (ICML 2024) and AdaX (Li et al., 2020), as plain PyTorch optimizers.
 
-Importing the package registers the ``--optim`` names ``rootfree_adamw``, ``rootfree_rmsprop``,
-``adax`` and ``rootfree_adax`` with transformers (:func:`register` is the explicit, idempotent
-form). If transformers' internals are not what we expect, the import only warns, so the
-optimizers stay usable; :func:`register` raises with the reason and the fallback
-:func:`optimizer_cls_and_kwargs`.
+Importing the package registers the ``--optim`` names of :data:`OPTIMIZERS` with transformers:
+{names}. :func:`register` is the explicit, idempotent form. If transformers' internals are not
+what we expect, the import only warns, so the optimizers stay usable; :func:`register` raises with
+the reason and the fallback :func:`optimizer_cls_and_kwargs`.
 """
 
 import warnings
@@ -15,6 +14,8 @@ import warnings
 from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 from .registry import OPTIMIZERS, optimizer_cls_and_kwargs, parse_optim_args
 
+if __doc__:  # (None under python -OO) one list of names: the registry's
+    __doc__ = __doc__.format(names=", ".join(f"``{name}``" for name in OPTIMIZERS))
 __version__ = "0.1.0.dev0"
 
 __all__ = [

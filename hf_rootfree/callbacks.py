@@ -25,7 +25,8 @@ class RootFreeDiagnosticsCallback(TrainerCallback):
     Each hf_rootfree optimizer has a ``diagnostics()`` method returning floats, e.g. for the
     element-wise family ``s_mean`` (the mean curvature estimate s, whose inverse scales the step)
     and ``precond_mean`` (the mean of 1/(s + λ)). They are logged as ``optim/<key>``, computed
-    only at logging steps.
+    only at logging steps. SIRFShampoo's ``diagnostics()`` also warns (once) when its factor updates
+    keep being skipped as non-finite, so attaching this callback is what surfaces that in a run.
 
     The Trainer calls callbacks in order and its reporters come first, so attach this one in
     front of them::

@@ -27,7 +27,7 @@ import torch
 
 from .optim import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 
-__all__ = ["OPTIMIZERS", "optimizer_cls_and_kwargs", "parse_optim_args"]
+__all__ = ["OPTIMIZERS", "check_optimizer_kwargs", "optimizer_cls_and_kwargs", "parse_optim_args"]
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,31 @@ def parse_optim_args(name: str, optim_args: str | None) -> dict[str, Any]:
     return parsed
 
 
+def check_optimizer_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Build ``--optim name``'s class once, on a tiny dummy parameter, with ``kwargs``.
+
+    So that a value which parses but which the class rejects (``betas=(1.5,0.9)``) is reported
+    before training starts, not when the Trainer builds the optimizer. ``batch_size`` defaults to
+    1 here when ``kwargs`` lack it (the Trainer fills it in from its arguments).
+
+    Raises:
+        ValueError: prefixed ``--optim_args for NAME:``, with the class's own message.
+    """
+    cls = OPTIMIZERS[name].cls
+    trial = dict(kwargs)
+    if "batch_size" in inspect.signature(cls.__init__).parameters:
+        trial.setdefault("batch_size", 1)
+    try:
+        cls([torch.nn.Parameter(torch.zeros(2, 2))], **trial)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--optim_args for {name}: {error}") from None
+
+
+def element_wise_names() -> list[str]:
+    """The ``--optim`` names of the element-wise optimizers (all but SIRFShampoo)."""
+    return [name for name, spec in OPTIMIZERS.items() if spec.cls is not SIRFShampoo]
+
+
 # ---------------------------------------------------------------------------------------------
 # TrainingArguments -> (class, kwargs)
 # ---------------------------------------------------------------------------------------------
@@ -233,11 +258,11 @@ def optimizer_cls_and_kwargs(
             "--optim sirfshampoo does not support DeepSpeed: ZeRO flattens the parameters into one "
             "buffer per rank, so the per-layer Kronecker factors have no shape to act on. Train "
             "with DDP or FSDP2 (accelerate's fsdp_version: 2; SIRFShampoo gathers sharded "
-            "gradients), or pick an element-wise --optim (rootfree_adamw, rootfree_rmsprop, adax, "
-            "rootfree_adax)."
+            f"gradients), or pick an element-wise --optim ({', '.join(element_wise_names())})."
         )
     kwargs = spec.from_training_args(args)
     kwargs.update(parse_optim_args(key, getattr(args, "optim_args", None)))
+    check_optimizer_kwargs(key, kwargs)
     if model is not None and "trainer_model" in inspect.signature(spec.cls.__init__).parameters:
         # not "model": the Trainer takes a "model" kwarg to be the parameters (its LOMO convention)
         kwargs["trainer_model"] = model

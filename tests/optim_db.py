@@ -211,3 +211,60 @@ OPTIM_DB: list[OptimCase] = [
 
 #: the cases whose optimizer is AdaX-like (the long-term-memory schedule)
 ADAX_CASES = [case for case in OPTIM_DB if case.cls in (AdaX, RootFreeAdaX)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The OptimizerInfo table of all five classes, for the generic tests of test_conformance.py.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One optimizer class as torch's ``OptimizerInfo`` describes it: configurations to try and
+    the generic tests it does not support (each with the reason, as documented)."""
+
+    cls: type[torch.optim.Optimizer]
+    #: keyword configurations (ids -> kwargs) that every generic test runs
+    configs: dict[str, dict[str, Any]]
+    #: the implementation flags to try: the element-wise paths, or nothing for SIRFShampoo
+    paths: dict[str, dict[str, bool]]
+    #: generic test name -> why it does not apply
+    skips: dict[str, str]
+    #: config id -> a learning rate with which a small regression trains well
+    train_lrs: dict[str, float]
+
+    def __str__(self) -> str:
+        return self.cls.__name__
+
+
+def _configs_of(cls: type[torch.optim.Optimizer]) -> dict[str, dict[str, Any]]:
+    return {case.id: case.kwargs for case in OPTIM_DB if case.cls is cls}
+
+
+def _train_lrs_of(cls: type[torch.optim.Optimizer]) -> dict[str, float]:
+    return {case.id: case.train_lr for case in OPTIM_DB if case.cls is cls}
+
+
+OPTIMIZER_INFOS: list[OptimizerInfo] = [
+    *(
+        OptimizerInfo(cls, _configs_of(cls), PATHS, {}, _train_lrs_of(cls))
+        for cls in (RootFreeAdamW, RootFreeRMSprop, AdaX, RootFreeAdaX)
+    ),
+    OptimizerInfo(
+        SIRFShampoo,
+        {
+            "sirfshampoo": dict(lr=2e-2, momentum=0.8, weight_decay=0.1, precond_lr=0.1, batch_size=8),
+            "sirfshampoo_diagonal_t2": dict(
+                lr=2e-2,
+                momentum=0.0,
+                precond_momentum=0.0,
+                batch_size=8,
+                update_freq=2,
+                structures="diagonal",
+            ),
+        },
+        {"default": {}},
+        {},
+        {"sirfshampoo": 0.05, "sirfshampoo_diagonal_t2": 0.05},
+    ),
+]

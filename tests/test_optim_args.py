@@ -6,7 +6,9 @@ then the same strings through ``HfArgumentParser`` and the stock ``Trainer``.
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -315,6 +317,8 @@ def test_optim_args_from_the_command_line_reach_the_optimizer_the_trainer_builds
         ("damping=lots", r"damping='lots' is not float"),
         ("lr=1e-2", r"set lr with --learning_rate instead"),
         ("weight_decay=0.1", r"set weight_decay with --weight_decay instead"),
+        ("betas=(1.5,0.9)", r"RootFreeAdamW: betas\[0\] must be in \[0, 1\), got 1.5"),
+        ("damping=-1.0", r"RootFreeAdamW: damping must be in \[0, inf\), got -1.0"),
     ],
 )
 def test_bad_optim_args_fail_when_the_trainer_builds_the_optimizer(tmp_path, optim_args, pattern):
@@ -331,3 +335,96 @@ def test_sirfshampoo_refuses_deepspeed_before_training_with_the_alternatives():
         hf_rootfree.optimizer_cls_and_kwargs("sirfshampoo", args)
     cls, _ = hf_rootfree.optimizer_cls_and_kwargs("rootfree_adamw", args)  # element-wise: allowed
     assert cls is RootFreeAdamW
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher checks --optim_args before the script runs.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def marker_script(tmp_path):
+    """A script that only leaves a marker file: whether the launcher ran it."""
+    script = tmp_path / "train.py"
+    script.write_text("import pathlib, sys\npathlib.Path(sys.argv[0]).with_suffix('.ran').touch()\n")
+    return script
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        (
+            "rootfree_adamw",
+            ["--optim", "rootfree_adamw", "--optim_args", "dampin=1e-3"],
+            r"unknown key 'dampin'",
+        ),
+        ("adax", ["--optim=adax", "--optim_args=eps=lots"], r"eps='lots' is not float"),
+        ("rootfree_adamw", ["--optim", "rootfree_adamw", "--optim_args", "betas=(1.5,0.9)"], r"betas\[0\]"),
+        ("sirfshampoo", ["--optim", "sirfshampoo", "--optim-args", "update_freq=0"], r"update_freq must be"),
+        (
+            "rootfree_rmsprop",
+            ["--optim", "rootfree_rmsprop", "--optim_args", "batch_size=0"],
+            r"batch_size must",
+        ),
+    ],
+)
+def test_launcher_refuses_bad_optim_args_before_the_script_runs_with_exit_code_2(
+    capsys, marker_script, name, args, message
+):
+    from hf_rootfree.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(marker_script), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf_rootfree: error: --optim_args for {name}: ")
+    assert re.search(message, err), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert not marker_script.with_suffix(".ran").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--optim", "rootfree_adamw", "--optim_args", "damping=1e-3,betas=(0.9,0.99)"],
+        ["--optim", "adamw_torch", "--optim_args", "anything=goes"],  # not ours: transformers' business
+        ["--learning_rate", "1e-3"],
+    ],
+)
+def test_launcher_runs_the_script_when_optim_args_are_fine_or_not_ours(marker_script, args):
+    from hf_rootfree.__main__ import main
+
+    saved = list(sys.argv)
+    try:
+        main([str(marker_script), *args])
+    finally:
+        sys.argv = saved
+    assert marker_script.with_suffix(".ran").exists()
+
+
+def test_launcher_help_and_package_docstring_name_every_registered_optimizer(capsys):
+    from hf_rootfree.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in hf_rootfree.OPTIMIZERS:
+        assert name in out
+        assert f"``{name}``" in hf_rootfree.__doc__
+    assert set(hf_rootfree.OPTIMIZERS) == set(NAMES)
+
+
+def test_the_fused_kernel_build_is_announced_at_warning_level_with_its_duration(monkeypatch, caplog):
+    from hf_rootfree.optim import _fused
+
+    monkeypatch.setattr(_fused, "_is_cached", lambda: False)
+    with caplog.at_level(logging.INFO, logger="hf_rootfree"):
+        _fused._announce_build()
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert re.search(r"building the fused CPU kernel.*usually 15-80 s.*cached", record.getMessage())
+    caplog.clear()
+    monkeypatch.setattr(_fused, "_is_cached", lambda: True)
+    with caplog.at_level(logging.INFO, logger="hf_rootfree"):
+        _fused._announce_build()
+    assert [r.levelno for r in caplog.records] == [logging.INFO]

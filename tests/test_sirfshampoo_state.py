@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -291,3 +292,37 @@ def test_bfloat16_factors_train_2000_steps_finite_and_within_5_percent_of_float3
     # measured: 0.0301 against 0.0300 (+0.4%); rounding K to bfloat16 without carrying the
     # rounding error (factor_residual_n) ended 9–11% higher, over three batch orders
     assert abs(bf16_loss - fp32_loss) <= 0.05 * fp32_loss, (bf16_loss, fp32_loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skipped factor updates.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_repeatedly_skipped_factor_updates_warn_once_naming_precond_dtype_and_damping() -> None:
+    """float16 factors with a large B·g² overflow at every factor update: the optimizer silently
+    becomes SGD unless told; diagnostics() (which the Trainer callback calls) says so, once."""
+    model = nn.Linear(8, 4)
+    opt = SIRFShampoo(model.parameters(), batch_size=4096, precond_dtype=torch.float16, model=model)
+    for _ in range(4):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 30.0)
+        opt.step()
+    with pytest.warns(RuntimeWarning, match=r"skipped .*4 of 4 updates.*precond_dtype=float16.*damping"):
+        stats = opt.diagnostics()
+    assert stats["skipped_factor_updates"] == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.diagnostics()  # once only
+
+
+def test_finite_factor_updates_do_not_warn() -> None:
+    model = nn.Linear(8, 4)
+    opt = SIRFShampoo(model.parameters(), batch_size=4, precond_dtype=torch.float16, model=model)
+    for _ in range(4):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt.diagnostics()["skipped_factor_updates"] == 0

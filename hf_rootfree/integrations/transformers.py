@@ -11,7 +11,7 @@ two internals:
    names are answered by :func:`hf_rootfree.optimizer_cls_and_kwargs` and every other name by the
    original method, unchanged.
 
-Tested on transformers 4.57.6 and 5.23.0 (declared range: ``>=4.57,<6``). If either internal is
+Tested on transformers 4.57.6 and 5.24.0 (declared range: ``>=4.57,<6``). If either internal is
 not what we expect, :func:`register` raises :class:`IntegrationError` naming it and pointing to
 the fallback that patches nothing, ``Trainer(optimizer_cls_and_kwargs=
 hf_rootfree.optimizer_cls_and_kwargs(name, args, model))``.

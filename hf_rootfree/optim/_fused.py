@@ -51,6 +51,30 @@ def _extension_name() -> str:
     return f"hf_rootfree_elementwise_{digest.hexdigest()[:12]}"
 
 
+def _is_cached() -> bool:
+    """Whether a built kernel for this source, torch and CPU is already in the extensions cache."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        name = _extension_name()
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private torch helper: if it moved, announce the build anyway
+        return False
+
+
+def _announce_build() -> None:
+    """Say what the first step waits for: a silent minute at step 0 looks like a hang. A warning,
+    because stock training scripts show warnings but hide info logs."""
+    if _is_cached():
+        logger.info("hf_rootfree: loading the fused CPU kernel from the torch extensions cache")
+    else:
+        logger.warning(
+            "hf_rootfree: building the fused CPU kernel of the element-wise optimizers (a C++ "
+            "compile, once per machine and torch version, usually 15-80 s; cached under "
+            "TORCH_EXTENSIONS_DIR). Training starts when it is done."
+        )
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
@@ -87,7 +111,7 @@ def fused_kernel_available() -> bool:
         if hasattr(torch.ops.hf_rootfree, "fused_elementwise_step_"):
             _state["ok"] = True
             return True
-        logger.info("hf_rootfree: building the fused CPU kernel (once per machine, ~15 s)")
+        _announce_build()
         try:
             _build()
             _state["ok"] = True

@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer
 
 from . import _fused
+from ._checkpoint import CheckedStateDict
 
 __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
 
@@ -79,6 +80,31 @@ def _check_range(
 
 def _check_nonnegative(name: str, value: Any, owner: str) -> None:
     _check_range(name, value, owner, 0.0, math.inf)
+
+
+def _check_lr(value: Any, owner: str) -> None:
+    """lr: a real number ≥ 0, or (as in torch.optim) a 1-element tensor; ours must be on the CPU,
+    where reading it at each step costs no device synchronization."""
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            shape = tuple(value.shape)
+            raise ValueError(f"{owner}: Tensor lr must be 1-element, got a tensor of shape {shape}")
+        if value.device.type != "cpu":
+            raise ValueError(
+                f"{owner}: lr as a Tensor on {value.device} is not supported (reading it at every step "
+                "would synchronize with the device); use a float or a CPU tensor"
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{owner}: lr must be a real number, got a {value.dtype} tensor")
+        value = float(value)
+    _check_nonnegative("lr", value, owner)
+
+
+def _lr(group: dict[str, Any]) -> dict[str, Any]:
+    """The group with a tensor lr read as a float (a CPU tensor: no device sync)."""
+    if torch.is_tensor(group["lr"]):
+        return {**group, "lr": float(group["lr"])}
+    return group
 
 
 def _check_betas(value: Any, owner: str) -> None:
@@ -361,7 +387,7 @@ def _local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
-class _ElementwiseOptimizer(Optimizer):
+class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
     """Shared machinery of the element-wise family (not public).
 
     A subclass sets the switches below and maps its hyperparameters to the nine coefficients.
@@ -398,7 +424,7 @@ class _ElementwiseOptimizer(Optimizer):
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_nonnegative("lr", group["lr"], owner)
+        _check_lr(group["lr"], owner)
         _check_nonnegative("weight_decay", group["weight_decay"], owner)
         _check_state_dtype(group["state_dtype"], owner)
         _check_impl_flags(group, owner)
@@ -438,27 +464,38 @@ class _ElementwiseOptimizer(Optimizer):
             return group["state_dtype"]
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping each state tensor in its own dtype.
+    # -- loading a checkpoint (checked first: see _checkpoint.py) ---------------------------------
+    _optional_group_keys = frozenset({"foreach", "fused", "state_dtype"})
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating state tensor to its
-        parameter's dtype, which would round fp32 state of bf16 parameters to bf16. This restores
-        the saved values in the dtype the state is kept in (fp32 unless ``state_dtype`` says
-        otherwise), and keeps ``step`` a float64 CPU tensor.
-        """
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
-        super().load_state_dict(state_dict)
-        params = [(p, group) for group in self.param_groups for p in group["params"]]
-        for pid, (param, group) in zip(saved_ids, params):
-            for key, value in saved_state[pid].items():
-                if not torch.is_tensor(value):
-                    continue
-                if key == "step":
-                    value = value.to(device="cpu", dtype=torch.float64, copy=True)
-                else:
-                    value = value.to(device=param.device, dtype=self._state_dtype(param, group), copy=True)
-                self.state[param][key] = value
+    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
+        for group in groups:
+            self._validate(group)
+
+    def _check_loaded_state(self, groups: list[dict[str, Any]], states: list[dict[str, Any]]) -> None:
+        """Each non-empty state needs ``step`` and the second moment, of its parameter's shape."""
+        params = [p for group in groups for p in group["params"]]
+        buf_key = "momentum_buffer" if self._heavy_ball else "exp_avg"
+        for index, (param, state) in enumerate(zip(params, states)):
+            if not state:
+                continue  # never stepped: its state is created at the first step
+            self._check_known_keys(index, param, state, ("step", self._second_key, buf_key))
+            for key in ("step", self._second_key):
+                if key not in state:
+                    raise self._load_error(index, param, key, "is missing")
+            self._check_step(index, param, state["step"])
+            for key in (self._second_key, buf_key):
+                if key in state:
+                    self._check_tensor(index, param, key, state[key], param.shape)
+
+    def _store_loaded_value(self, param: torch.Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
+        """``step`` becomes a float64 CPU tensor (also from a plain number); the other tensors keep
+        the state dtype (fp32 for bf16 parameters unless ``state_dtype`` says otherwise: torch
+        would cast them to the parameter's dtype) on the parameter's device."""
+        if key == "step":
+            return torch.as_tensor(value).to(device="cpu", dtype=torch.float64, copy=True).reshape(())
+        if torch.is_tensor(value):
+            return value.to(device=param.device, dtype=self._state_dtype(param, group), copy=True)
+        return super()._store_loaded_value(param, group, key, value)
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
         owner = type(self).__name__
@@ -563,10 +600,11 @@ class _ElementwiseOptimizer(Optimizer):
             torch._foreach_add_(steps, 1.0)  # steps live on the CPU: no device sync
             values = torch.stack(steps).tolist()
             distinct = set(values)
+            hyper = _lr(group)
             if len(distinct) == 1:
-                coeffs = [self._coefficients(group, values[0])]
+                coeffs = [self._coefficients(hyper, values[0])]
             else:
-                cache = {t: self._coefficients(group, t) for t in distinct}
+                cache = {t: self._coefficients(hyper, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
             adaptive = self._adaptive(group)
             scales = None if adaptive is None else _adaptive_scales(grads, coeffs, *adaptive)

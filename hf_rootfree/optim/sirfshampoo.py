@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +34,23 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
-from .elementwise import _BATCH_SIZE_HELP, _LR_UNITS, _check_batch_size, _check_nonnegative, _check_range
+from ._checkpoint import CheckedStateDict
+from .elementwise import (
+    _BATCH_SIZE_HELP,
+    _LR_UNITS,
+    _check_batch_size,
+    _check_lr,
+    _check_nonnegative,
+    _check_range,
+)
 from .structures import STRUCTURES, Structure, _times, make_structure
 
 __all__ = ["SIRFShampoo"]
 
 _OWNER = "SIRFShampoo"
+#: diagnostics() warns once when a block skipped at least this many factor updates, and at least
+#: half of those it attempted
+_SKIP_WARN_MIN = 3
 
 #: group options that shape or drive the preconditioner: blocks that share a preconditioner, or
 #: are batched together, must agree on all of them
@@ -217,7 +229,7 @@ class _Block:
         return [w.mT if self.transposed else w.reshape(weight.shape), b.reshape(bias.shape)]
 
 
-class SIRFShampoo(Optimizer):
+class SIRFShampoo(CheckedStateDict, Optimizer):
     r"""Structured inverse- and root-free Shampoo (SIRFShampoo; Lin et al., ICML 2024).
 
     For a gradient G with axes d_1 … d_N (size-1 axes dropped; see ``merge_dims``), one factor K_n
@@ -313,7 +325,9 @@ class SIRFShampoo(Optimizer):
     update: without it, late small updates round away and the loss ended ~10% higher in our bf16
     runs); per parameter ``step`` (float64, CPU) and ``momentum_buffer``.
     A factor update whose gradient or result is not finite is skipped (old factors kept) and
-    counted in ``skipped_factor_updates``.
+    counted in ``skipped_factor_updates``; :meth:`diagnostics` warns once when a block skips
+    repeatedly (e.g. ``precond_dtype=torch.float16`` with a large B·g²). The check is there, not in
+    ``step()``, because reading the device counter synchronizes.
     """
 
     def __init__(
@@ -375,7 +389,7 @@ class SIRFShampoo(Optimizer):
     # -- validation ---------------------------------------------------------------------------------
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
-        _check_nonnegative("lr", group["lr"], _OWNER)
+        _check_lr(group["lr"], _OWNER)
         _check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
         _check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
         _check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
@@ -444,7 +458,14 @@ class SIRFShampoo(Optimizer):
         key = self._group_key()
         if self._blocks_cache is not None and self._blocks_cache[0] == key:
             return self._blocks_cache[1]
-        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        blocks, group_of = self._layout(self.param_groups)
+        self._blocks_cache = (key, blocks)
+        self._group_map = group_of
+        return blocks
+
+    def _layout(self, param_groups: list[dict[str, Any]]) -> tuple[list[_Block], dict[Tensor, Any]]:
+        """The blocks of these (normalized) groups, and each parameter's group."""
+        group_of = {p: g for g in param_groups for p in g["params"]}
         names = {}
         pairs: dict[Tensor, tuple[Tensor, bool]] = {}  # weight -> (bias, weight stored (in, out))
         if self._model is not None:
@@ -452,16 +473,14 @@ class SIRFShampoo(Optimizer):
             pairs = self._weight_bias_pairs(group_of)
         paired_biases = {bias for bias, _ in pairs.values()}
         blocks = []
-        for group in self.param_groups:
+        for group in param_groups:
             for p in group["params"]:
                 if p in paired_biases:
                     continue
                 bias, transposed = pairs.get(p, (None, False))
                 members = [p] if bias is None else [p, bias]
                 blocks.append(self._make_block(members, group, names.get(p), transposed))
-        self._blocks_cache = (key, blocks)
-        self._group_map = group_of
-        return blocks
+        return blocks, group_of
 
     def _weight_bias_pairs(self, group_of: dict[Tensor, dict[str, Any]]) -> dict[Tensor, tuple[Tensor, bool]]:
         """Layers whose weight and bias share a block: Linear, Conv1d/2d/3d, and transformers'
@@ -540,35 +559,79 @@ class SIRFShampoo(Optimizer):
     def _buffer_dtype(param: Tensor) -> torch.dtype:
         return torch.float64 if param.dtype == torch.float64 else torch.float32
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping every state tensor in the dtype it was saved in.
+    # -- loading a checkpoint (checked first: see _checkpoint.py) ---------------------------------
+    _optional_group_keys = frozenset({"distributed"})
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype,
-        which would turn float32 factors of bfloat16 parameters into bfloat16 (or bfloat16 factors
-        of float32 parameters into float32). This keeps the saved dtypes, moves tensors to the
-        parameter's device and keeps ``step`` a float64 CPU tensor.
-        """
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
+    def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
+        for group in groups:
             self._normalize_group(group)
-        params = [p for group in self.param_groups for p in group["params"]]
+
+    def _expected_block_state(self, block: _Block, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes :meth:`_init_block_state` creates for ``block``."""
+        meta = torch.device("meta")
+        expected: dict[str, tuple[int, ...]] = {}
+        for n, struct in enumerate(block.structures):
+            shape = tuple(struct.storage_shape())
+            expected[f"factor_{n}"] = shape
+            if group["precond_momentum"] != 0:
+                expected[f"factor_momentum_{n}"] = shape
+            if block.dtype in (torch.bfloat16, torch.float16):
+                expected[f"factor_residual_{n}"] = shape
+            if _cache_kkt(struct, block.dims, n, group["update_freq"]):
+                expected[f"precond_{n}"] = tuple(struct.kkt(struct.zeros(1, torch.float32, meta))[0].shape)
+        expected["precond_scale"] = ()
+        expected["skipped_factor_updates"] = ()
+        return expected
+
+    def _check_loaded_state(self, groups: list[dict[str, Any]], states: list[dict[str, Any]]) -> None:
+        """Per parameter ``step`` and ``momentum_buffer``; per block (on its first parameter) the
+        factor state of the block layout the loaded groups give, complete and of its shapes."""
+        params = [p for group in groups for p in group["params"]]
+        blocks, group_of = self._layout(groups)
+        owners = {b.owner: b for b in blocks if not b.empty}
+        for index, (param, state) in enumerate(zip(params, states)):
+            block = owners.get(param)
+            expected = self._expected_block_state(block, group_of[param]) if block is not None else {}
+            self._check_known_keys(index, param, state, ("step", "momentum_buffer", *expected))
+            if "step" in state:
+                self._check_step(index, param, state["step"])
+            if "momentum_buffer" in state:
+                self._check_tensor(index, param, "momentum_buffer", state["momentum_buffer"], param.shape)
+            if block is None or not any(key in state for key in expected):
+                continue  # no factor state yet: it is created at the next factor update
+            for key, shape in expected.items():
+                if key not in state:
+                    problem = f"is missing (the block of this parameter has {len(block.dims)} factors)"
+                    raise self._load_error(index, param, key, problem)
+                floating = key != "skipped_factor_updates"
+                self._check_tensor(index, param, key, state[key], shape, floating=floating)
+
+    def _store_loaded_value(self, param: Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
+        """Every tensor keeps the dtype it was saved in (torch would cast float32 factors of
+        bfloat16 parameters to bfloat16) and moves to the parameter's device; ``step`` is a
+        float64 CPU tensor, also when it was saved as a plain number."""
+        if key == "step":
+            return torch.as_tensor(value).to(device="cpu", dtype=torch.float64, copy=True).reshape(())
+        if torch.is_tensor(value):
+            return value.to(device=param.device, copy=True)
+        return super()._store_loaded_value(param, group, key, value)
+
+    def _after_load(self) -> None:
         self._host_steps = {}
-        for pid, param in zip(saved_ids, params):
-            for key, value in saved_state[pid].items():
-                if not torch.is_tensor(value):
-                    continue
-                if key == "step":
-                    value = value.to(device="cpu", dtype=torch.float64, copy=True)
-                    self._host_steps[param] = int(value)
-                else:
-                    value = value.to(device=param.device, copy=True)
-                self.state[param][key] = value
+        for group in self.param_groups:
+            for p in group["params"]:
+                step = self.state.get(p, {}).get("step")
+                if step is not None:
+                    self._host_steps[p] = int(step)
         self._blocks_cache = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the model decides which weight and bias share a block: a copy must keep it
+        return {**super().__getstate__(), "_model": self._model}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_model", None)
         self.__dict__.setdefault("_blocks_cache", None)
         self.__dict__.setdefault("_host_steps", {})
         for group in self.param_groups:  # pickles from before lr_units: the paper's update
@@ -834,7 +897,8 @@ class SIRFShampoo(Optimizer):
                 self._host_steps[p] = self._host_step(p) + 1
                 steps.append(state["step"])
             torch._foreach_add_(steps, 1.0)  # CPU tensors: no device sync
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            # a tensor lr is a CPU tensor (checked): reading it does not sync a device
+            lr, momentum, decay = float(group["lr"]), group["momentum"], group["weight_decay"]
             if group["lr_units"] == "adamw" and decay != 0:  # decoupled, as AdamW: µ ← µ·(1 − η·κ)
                 torch._foreach_mul_([_local(p) for p in params], 1.0 - lr * decay)
                 decay = 0.0
@@ -910,16 +974,23 @@ class SIRFShampoo(Optimizer):
     def diagnostics(self) -> dict[str, float]:
         """Statistics for logging (reads the state, so it syncs: call it at logging steps).
 
-        ``skipped_factor_updates``: factor updates rejected as non-finite, summed over blocks;
+        ``skipped_factor_updates``: factor updates rejected as non-finite, summed over blocks (a
+        ``RuntimeWarning``, once, when a block skipped at least 3 and at least half of its updates:
+        its preconditioner no longer adapts);
         ``precond_trace_mean``: mean over blocks of Π_n tr(K_nK_nᵀ)/d_n, the average scale of the
         preconditioner (1 at the start).
         """
-        skipped, traces = 0, []
+        skipped, traces, stuck = 0, [], []
         for block in self._blocks():
             state = self.state.get(block.owner, {})
             if "precond_scale" not in state:
                 continue
-            skipped += int(state["skipped_factor_updates"])
+            block_skipped = int(state["skipped_factor_updates"])
+            skipped += block_skipped
+            steps = self._host_step(block.owner)
+            attempts = (steps - 1) // self._group_of(block.owner)["update_freq"] + 1 if steps else 0
+            if block_skipped >= _SKIP_WARN_MIN and 2 * block_skipped >= attempts:
+                stuck.append((block, block_skipped, attempts))
             value = float(state["precond_scale"])
             for a, struct in enumerate(block.structures):
                 cached = state.get(f"precond_{a}")
@@ -929,9 +1000,34 @@ class SIRFShampoo(Optimizer):
                 else:
                     value *= float(_kkt_average_trace(struct, cached.double()))
             traces.append(value)
+        if stuck and not self.__dict__.get("_warned_skips"):
+            self._warned_skips = True
+            self._warn_skips(stuck)
         if not traces:
             return {}
         return {"skipped_factor_updates": float(skipped), "precond_trace_mean": sum(traces) / len(traces)}
+
+    def _warn_skips(self, stuck: list[tuple[_Block, int, int]]) -> None:
+        """Warn (once) that factor updates keep being skipped: the step then drifts towards SGD."""
+        block, count, attempts = stuck[0]
+        name = block.name or f"parameter of shape {tuple(block.owner.shape)}"
+        dtype = str(block.dtype).removeprefix("torch.")
+        hint = (
+            f"precond_dtype={dtype} overflows: use precond_dtype=torch.bfloat16 or torch.float32"
+            if block.dtype == torch.float16
+            else "use a wider precond_dtype (float32)"
+            if block.dtype == torch.bfloat16
+            else "check the gradients for inf/NaN (loss scaling?)"
+        )
+        warnings.warn(
+            f"{_OWNER}: factor updates are being skipped as non-finite in {len(stuck)} block(s), e.g. "
+            f"{name}: {count} of {attempts} updates. A skipped update keeps the old factors, so the "
+            f"preconditioner stops adapting and the step degrades towards SGD. Likely cause: B·g² "
+            f"is too large for the factors' {dtype}; {hint}, or raise damping / lower precond_lr. "
+            "(Warned once; diagnostics()['skipped_factor_updates'] counts them.)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _cache_kkt(struct: Structure, dims: tuple[int, ...], axis: int, update_freq: int) -> bool:

@@ -137,8 +137,25 @@ void fused_elementwise_step_(at::TensorList params, at::TensorList grads, at::Te
   const bool per_tensor = coeffs.size(0) > 1;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
+    // Every tensor is walked for p.numel() elements: check each one's shape against its parameter
+    // before touching memory (a state loaded for a parameter of another shape must not be read or
+    // written out of bounds).
+    TORCH_CHECK(grads[i].sizes() == p.sizes(), "hf_rootfree fused step: tensor ", i, ": grad shape ",
+                grads[i].sizes(), " differs from param shape ", p.sizes());
+    TORCH_CHECK(second[i].sizes() == p.sizes(), "hf_rootfree fused step: tensor ", i,
+                ": second-moment state shape ", second[i].sizes(), " differs from param shape ",
+                p.sizes());
+    if (!bufs.empty()) {
+      TORCH_CHECK(bufs[i].sizes() == p.sizes(), "hf_rootfree fused step: tensor ", i,
+                  ": momentum state shape ", bufs[i].sizes(), " differs from param shape ", p.sizes());
+      TORCH_CHECK(bufs[i].scalar_type() == second[i].scalar_type(), "hf_rootfree fused step: tensor ",
+                  i, ": momentum state dtype ", bufs[i].scalar_type(), " differs from the second-moment ",
+                  "state dtype ", second[i].scalar_type());
+    }
+    TORCH_CHECK(p.device().is_cpu() && grads[i].device().is_cpu() && second[i].device().is_cpu() &&
+                    (bufs.empty() || bufs[i].device().is_cpu()),
+                "hf_rootfree fused step: CPU tensors only");
     if (p.numel() == 0) continue;
-    TORCH_CHECK(p.device().is_cpu(), "hf_rootfree fused step: CPU tensors only");
     TORCH_CHECK(grads[i].scalar_type() == p.scalar_type(),
                 "hf_rootfree fused step: grad dtype differs from param dtype");
     TORCH_CHECK(second[i].is_contiguous() && (bufs.empty() || bufs[i].is_contiguous()),
