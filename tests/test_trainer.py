@@ -377,6 +377,26 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run_exactly(tmp_path, n
             assert torch.equal(other, value), (index, key)
 
 
+@pytest.mark.parametrize("name", sorted(WITH_BATCH_SIZE))
+def test_resume_with_other_gradient_accumulation_uses_the_new_batch_size(tmp_path, name):
+    """B follows the run: a checkpoint saved at B = 4 and resumed with gradient accumulation 2
+    trains on with B = 8 (per-device 4 × accumulation 2), keeping the checkpoint's state."""
+    settings = dict(
+        optim=name, learning_rate=LR[name], per_device_train_batch_size=4, max_steps=4, logging_steps=1
+    )
+    first = make_trainer("bert", tmp_path / "first", save_strategy="steps", save_steps=2, **settings)
+    first.train()
+    saved = torch.load(tmp_path / "first" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert {group["batch_size"] for group in saved["param_groups"]} == {4}
+
+    resumed = make_trainer("bert", tmp_path / "resumed", gradient_accumulation_steps=2, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    optimizer = base_optimizer(resumed.optimizer)
+    assert resumed.state.global_step == 4
+    assert {group["batch_size"] for group in optimizer.param_groups} == {8}
+    assert {float(state["step"]) for state in optimizer.state_dict()["state"].values()} == {4.0}
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Trainer defaults: clipping, warmup + linear schedule, gradient accumulation, bf16.
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,22 @@ def _check_batch_size(value: Any, owner: str) -> None:
         raise ValueError(f"{owner}: batch_size must be a positive number, got {value!r}")
 
 
+def _with_run_batch_size(optimizer: Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with each group's ``batch_size`` replaced by the optimizer's current one.
+
+    B follows the run, not the checkpoint: a run resumed with another world size or gradient
+    accumulation builds its optimizer with the new B, and ``load_state_dict`` would otherwise put
+    the checkpoint's B back into the param groups. Groups without ``batch_size`` (AdaX) and
+    groups beyond the current ones are left as saved (``load_state_dict`` rejects the latter).
+    """
+    groups = [
+        {**saved, "batch_size": current["batch_size"]} if "batch_size" in current else saved
+        for saved, current in zip(state_dict["param_groups"], optimizer.param_groups)
+    ]
+    groups += state_dict["param_groups"][len(groups) :]
+    return {**state_dict, "param_groups": groups}
+
+
 def _check_state_dtype(value: Any, owner: str) -> None:
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise TypeError(
@@ -367,7 +383,7 @@ class _ElementwiseOptimizer(Optimizer):
         """
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(_with_run_batch_size(self, state_dict))
         params = [(p, group) for group in self.param_groups for p in group["params"]]
         for pid, (param, group) in zip(saved_ids, params):
             for key, value in saved_state[pid].items():

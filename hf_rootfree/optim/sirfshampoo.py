@@ -33,7 +33,13 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
-from .elementwise import _BATCH_SIZE_HELP, _check_batch_size, _check_nonnegative, _check_range
+from .elementwise import (
+    _BATCH_SIZE_HELP,
+    _check_batch_size,
+    _check_nonnegative,
+    _check_range,
+    _with_run_batch_size,
+)
 from .structures import STRUCTURES, Structure, _times, make_structure
 
 __all__ = ["SIRFShampoo"]
@@ -531,7 +537,7 @@ class SIRFShampoo(Optimizer):
         """
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         saved_state = {pid: dict(state_dict["state"].get(pid, {})) for pid in saved_ids}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(_with_run_batch_size(self, state_dict))
         for group in self.param_groups:
             self._normalize_group(group)
         params = [p for group in self.param_groups for p in group["params"]]
