@@ -755,3 +755,92 @@ def test_optuna_hyperparameter_search_rebuilds_hf_rootfree_optimizer_per_trial(t
         assert type(optimizer) is RootFreeAdamW
         assert optimizer.defaults["lr"] == lr
         assert optimizer.defaults["batch_size"] == batch
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. The SIRFShampoo the Trainer builds: its exact block layout.
+# ---------------------------------------------------------------------------------------------
+
+#: (parameter names of one block, preconditioned shape) for every block, in order. A weight and
+#: its bias share a block (the bias is a last column: out × (in + 1); GPT-2's Conv1D weights are
+#: stored (in, out)); embeddings and LayerNorm parameters are blocks of their own; GPT-2's lm_head
+#: is tied to wte and appears once.
+LAYOUTS = {
+    "gpt2": [
+        (["transformer.wte.weight"], (64, 16)),
+        (["transformer.wpe.weight"], (32, 16)),
+        (["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"], (48, 17)),
+        (["transformer.h.0.attn.c_proj.weight", "transformer.h.0.attn.c_proj.bias"], (16, 17)),
+        (["transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_fc.bias"], (64, 17)),
+        (["transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"], (16, 65)),
+        *[
+            ([f"transformer.{ln}.{p}"], (16,))
+            for ln in ("h.0.ln_1", "h.0.ln_2", "ln_f")
+            for p in ("weight", "bias")
+        ],
+    ],
+    "bert": [
+        (["bert.embeddings.word_embeddings.weight"], (64, 16)),
+        (["bert.embeddings.position_embeddings.weight"], (32, 16)),
+        (["bert.embeddings.token_type_embeddings.weight"], (2, 16)),
+        *[
+            ([f"bert.encoder.layer.0.{m}.weight", f"bert.encoder.layer.0.{m}.bias"], (16, 17))
+            for m in ("attention.self.query", "attention.self.key", "attention.self.value")
+        ],
+        (
+            [
+                "bert.encoder.layer.0.attention.output.dense.weight",
+                "bert.encoder.layer.0.attention.output.dense.bias",
+            ],
+            (16, 17),
+        ),
+        (
+            [
+                "bert.encoder.layer.0.intermediate.dense.weight",
+                "bert.encoder.layer.0.intermediate.dense.bias",
+            ],
+            (32, 17),
+        ),
+        (["bert.encoder.layer.0.output.dense.weight", "bert.encoder.layer.0.output.dense.bias"], (16, 33)),
+        (["bert.pooler.dense.weight", "bert.pooler.dense.bias"], (16, 17)),
+        (["classifier.weight", "classifier.bias"], (2, 17)),
+        *[
+            ([f"bert.{ln}.{p}"], (16,))
+            for ln in (
+                "embeddings.LayerNorm",
+                "encoder.layer.0.attention.output.LayerNorm",
+                "encoder.layer.0.output.LayerNorm",
+            )
+            for p in ("weight", "bias")
+        ],
+    ],
+}
+
+
+@pytest.mark.parametrize("max_dense_dim", [None, 20], ids=["all-dense", "max_dense_dim=20"])
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_trainer_built_sirfshampoo_shares_weight_and_bias_blocks_with_the_expected_structures(
+    tmp_path, kind, max_dense_dim
+):
+    """--optim sirfshampoo through the stock Trainer (weight decay on, so weights and biases sit in
+    different param groups) builds exactly the layout above; axes longer than max_dense_dim are
+    diagonal, all others dense."""
+    optim_args = None if max_dense_dim is None else f"max_dense_dim={max_dense_dim}"
+    trainer = make_trainer(
+        kind, tmp_path, optim="sirfshampoo", learning_rate=0.01, weight_decay=0.01, optim_args=optim_args
+    )
+    trainer.create_optimizer()
+    optimizer = base_optimizer(trainer.optimizer)
+    assert len(optimizer.param_groups) == 2  # the Trainer's decay and no-decay groups
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    limit = max_dense_dim or math.inf
+    expected = [
+        (members, dims, ["Diagonal" if d > limit else "Dense" for d in dims])
+        for members, dims in LAYOUTS[kind]
+    ]
+    layout = [
+        ([names[p] for p in block.params], block.dims, [type(s).__name__ for s in block.structures])
+        for block in optimizer._blocks()
+    ]
+    assert layout == expected
+    assert sorted(n for block, _, _ in layout for n in block) == sorted(names.values())
