@@ -26,8 +26,8 @@ from torch import nn
 from hf_rootfree import SIRFShampoo
 
 #: errors are relative max errors, max |a − b| / max |b|
-#: against the reference package (both in float32): ~1e-6 measured
-F32_RTOL = 1e-4
+#: against the reference package (both in float32): at most 4.4e-6 measured over the four cases
+F32_RTOL = 2e-5
 #: against the float64 oracle: every scalar of the update is kept in the factors' dtype (float64)
 ORACLE_RTOL = 1e-9
 

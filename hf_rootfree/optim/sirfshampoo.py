@@ -301,8 +301,8 @@ class SIRFShampoo(Optimizer):
     ``factor_momentum_n``, ``precond_n`` (the cached, rescaled K_nK_nᵀ, kept where that is
     cheaper than applying K twice), ``precond_scale``, ``skipped_factor_updates``, and for
     bfloat16/float16 factors ``factor_residual_n`` (the rounding error of K, carried into the next
-    update: without it, late small updates round away and the loss ended ~10% higher in our bf16
-    runs); per parameter ``step`` (float64, CPU) and ``momentum_buffer``.
+    update: without it, late small updates round away and our bf16 runs ended 8–10% away from
+    float32, with it within 0.6%); per parameter ``step`` (float64, CPU) and ``momentum_buffer``.
     A factor update whose gradient or result is not finite is skipped (old factors kept) and
     counted in ``skipped_factor_updates``.
     """
