@@ -144,8 +144,19 @@ def test_unknown_task_is_a_clear_error(capsys):
     assert "unknown task(s) translation" in capsys.readouterr().err
 
 
-def test_tune_runs_trainer_hyperparameter_search_and_uses_the_best_learning_rate(tmp_path):
-    pytest.importorskip("optuna")
+def test_tune_runs_trainer_hyperparameter_search_and_uses_the_best_learning_rate(tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    # the eval loss as objective: a continuous value, so exactly one trial is best
+    recipe_name, _, _ = compare.TASKS["image-classification"]
+    monkeypatch.setitem(compare.TASKS, "image-classification", (recipe_name, "loss", False))
+    studies = []
+    create_study = optuna.create_study
+
+    def recording_create_study(*args, **kwargs):
+        studies.append(create_study(*args, **kwargs))
+        return studies[-1]
+
+    monkeypatch.setattr(optuna, "create_study", recording_create_study)
     results = compare.main(
         [
             "--tasks",
@@ -157,13 +168,17 @@ def test_tune_runs_trainer_hyperparameter_search_and_uses_the_best_learning_rate
             "--max_steps",
             "2",
             "--tune",
-            "2",
+            "3",
             "--output_dir",
             str(tmp_path),
             *TINY,
         ]
     )
     (best,) = results["tuned_learning_rates"].values()
+    (study,) = studies
+    trials = {t.params["learning_rate"]: t.value for t in study.trials}
     preset = compare.load_presets(compare.PRESETS)["image-classification"]["rootfree_adamw"]["learning_rate"]
-    assert preset / 10 <= best <= preset * 10
+    assert len(trials) == 3 and all(preset / 10 <= lr <= preset * 10 for lr in trials)
+    assert len(set(trials.values())) == 3, trials  # the trials differ: picking the best means something
+    assert best == min(trials, key=trials.get)
     assert results["runs"][0]["learning_rate"] == pytest.approx(best)

@@ -43,16 +43,26 @@ def test_ddp_split_work_gives_the_same_result_as_every_rank_doing_all_of_it(ddp_
     assert everyone["preconditioned_per_rank"] == [total, total]
 
 
-def test_fsdp2_sharded_parameters_train_like_one_process_and_resume_from_a_sharded_checkpoint(tmp_path):
+def test_fsdp2_sharded_parameters_and_state_train_like_one_process_and_resume_from_a_sharded_checkpoint(
+    tmp_path,
+):
     torchrun(SCRIPTS / "fsdp2_equality.py", str(tmp_path / "report.json"), cwd=tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(report) == sorted(NAMES)
     for name, entry in report.items():
         assert entry["sharded_parameters"], name
         assert "DTensor" in entry["state_types"], name  # state sharded like the parameters
-        assert entry["ranks_equal"], name
         assert entry["moved"] > 1e-3, name
         assert entry["max_abs_error_vs_one_process"] <= 1e-6, (name, entry)
+        # the optimizer state: sharded state gathered from the local shards equals one process's
+        assert entry["state_numel"][0] == entry["state_numel"][1] > 0, (name, entry)
+        assert entry["state_max_abs_error_vs_one_process"] <= 1e-6 * max(1.0, entry["state_max_abs_value"])
+        # the local shards are disjoint and complete: the ranks' sums add up to the whole
+        checksums = entry["local_shard_checksums"]
+        assert entry["sharded_state_numel"] > 0 and min(checksums) > 0, (name, entry)
+        assert sum(checksums) == pytest.approx(entry["sharded_state_abs_sum"], rel=1e-9), (name, entry)
+        # the state each rank keeps whole (step counts; SIRFShampoo's factors) is bitwise equal
+        assert entry["replicated_state_ranks_equal"] and entry["replicated_state_numel"] > 0, (name, entry)
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)  # bitwise, through DCP
 
 
@@ -70,6 +80,10 @@ def test_trainer_ddp_every_name_keeps_ranks_equal_uses_the_global_batch_and_resu
     assert sorted(report) == sorted(NAMES)
     for name, entry in report.items():
         assert entry["world_size"] == 2 and entry["ranks_equal"], name
+        assert entry["state_types"] == ["Tensor"], name
+        assert entry["state_ranks_equal"] and entry["replicated_state_numel"] == len(entry["final_state"]), (
+            name
+        )
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)
         assert entry["moved"] > 1e-3, name
         assert not entry["sharded_parameters"], name
@@ -92,6 +106,17 @@ def test_trainer_fsdp2_every_name_shards_checkpoints_resumes_exactly_and_matches
         assert entry["sharded_parameters"], name  # DTensor parameters: FSDP2 really ran
         assert {"optimizer_0", "pytorch_model_fsdp_0"} <= set(entry["checkpoint"]), name  # sharded (DCP)
         assert entry["world_size"] == 2 and entry["ranks_equal"], name
+        # gathered parameters are equal on every rank by construction; the optimizer state is not:
+        # what each rank keeps whole must be bitwise equal, the sharded state must equal DDP's
+        assert "DTensor" in entry["state_types"], name
+        assert entry["state_ranks_equal"] and entry["replicated_state_numel"] > 0, name
+        state, ddp_state = (
+            torch.tensor(entry["final_state"]),
+            torch.tensor(trainer_ddp_report[name]["final_state"]),
+        )
+        assert state.shape == ddp_state.shape, name
+        state_error = float((state - ddp_state).abs().max())
+        assert state_error <= 1e-6 * max(1.0, float(ddp_state.abs().max())), (name, state_error)
         assert entry["resume_max_abs_diff"] == 0.0, (name, entry)
         assert entry["batch_size"] == trainer_ddp_report[name]["batch_size"], name
         assert entry["moved"] > 1e-3, name

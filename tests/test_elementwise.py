@@ -14,6 +14,7 @@ import math
 import oracle
 import pytest
 import torch
+from host_reads import HostReads
 from optim_db import ADAX_CASES, OPTIM_DB, PATHS, OptimCase
 
 from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
@@ -891,3 +892,42 @@ def test_sparse_gradient_raises_and_changes_nothing(case: OptimCase, path: str, 
         opt.step()
         runs.append((opt, params))
     assert_optimizers_equal(*runs[0], *runs[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# No host reads of device values inside step().
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS, ids=str)
+@pytest.mark.parametrize("case", OPTIM_DB, ids=str)
+def test_step_never_reads_a_tensor_value_on_the_host(case: OptimCase, path: str) -> None:
+    """Only the host-resident step counters are read (to pick the coefficients)."""
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    optimizer = case.make(params, **PATHS[path])
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step == 0:  # the first step creates the state
+            optimizer.step()
+            continue
+        steps = [state["step"] for state in optimizer.state.values()]
+        with HostReads(host=steps) as recorder:
+            optimizer.step()
+        assert recorder.reads == []
+    with HostReads(host=steps) as recorder:  # the recorder does see a read when there is one
+        optimizer.diagnostics()
+    assert recorder.reads
+
+
+def test_the_host_read_recorder_sees_every_kind_of_read_and_allows_host_values() -> None:
+    device_value, host_step = torch.randn(3), torch.ones((), dtype=torch.float64)
+    reads = ("tolist", "cpu", "numpy", "item", "__float__", "__bool__")
+    for read in reads:
+        with HostReads(host=[host_step]) as recorder:
+            getattr(device_value[:1], read)()
+        assert recorder.reads, read
+        with HostReads(host=[host_step]) as recorder:
+            getattr(torch.stack([host_step + 1, host_step])[:1], read)()
+        assert recorder.reads == [], read
+    assert torch.Tensor.tolist is not None and "wrapper" not in repr(torch.Tensor.tolist)  # restored

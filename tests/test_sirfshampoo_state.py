@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 import torch
+from host_reads import HostReads
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_rootfree import SIRFShampoo
 
@@ -140,17 +140,9 @@ def test_resume_mid_run_equals_uninterrupted_run_bitwise(interrupt_at):
 # ---------------------------------------------------------------------------------------------
 
 
-class _SyncRecorder(TorchDispatchMode):
-    """Records ops that copy a tensor value to the host (``.item()``, ``bool(t)``, ``int(t)``…)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
+def _host_reads(optimizer: SIRFShampoo) -> HostReads:
+    """The recorder, with the optimizer's host-resident step counters allowed."""
+    return HostReads(host=[state["step"] for state in optimizer.state.values() if "step" in state])
 
 
 @pytest.mark.parametrize(
@@ -172,13 +164,13 @@ def test_step_never_reads_a_tensor_value_on_the_host(options):
     for tokens, images, labels in data[1:]:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(tokens, images), labels).backward()
-        with _SyncRecorder() as recorder:
+        with _host_reads(optimizer) as recorder:
             optimizer.step()
-        assert recorder.syncs == []
+        assert recorder.reads == []
     # the recorder does see a host read when there is one
-    with _SyncRecorder() as recorder:
+    with _host_reads(optimizer) as recorder:
         optimizer.diagnostics()
-    assert recorder.syncs
+    assert recorder.reads
 
 
 def test_a_loaded_checkpoint_steps_without_host_reads():
@@ -191,9 +183,9 @@ def test_a_loaded_checkpoint_steps_without_host_reads():
     fresh.load_state_dict(optimizer.state_dict())
     tokens, images, labels = data[2]
     nn.functional.cross_entropy(model(tokens, images), labels).backward()
-    with _SyncRecorder() as recorder:
+    with _host_reads(fresh) as recorder:
         fresh.step()
-    assert recorder.syncs == []
+    assert recorder.reads == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +271,7 @@ def _digits_run(precond_dtype: torch.dtype, steps: int, seed: int = 1) -> tuple[
     return train_loss, accuracy, optimizer
 
 
-def test_bfloat16_factors_train_2000_steps_finite_and_within_5_percent_of_float32():
+def test_bfloat16_factors_train_2000_steps_within_1_percent_of_float32_and_need_their_residual(monkeypatch):
     fp32_loss, _, _ = _digits_run(torch.float32, 2000)
     bf16_loss, bf16_accuracy, optimizer = _digits_run(torch.bfloat16, 2000)
     for state in optimizer.state.values():
@@ -289,9 +281,23 @@ def test_bfloat16_factors_train_2000_steps_finite_and_within_5_percent_of_float3
             assert torch.isfinite(value.float()).all(), key
     assert optimizer.diagnostics()["skipped_factor_updates"] == 0
     assert bf16_accuracy > 0.9  # it learned (10 classes)
-    # measured: 0.0301 against 0.0300 (+0.4%); rounding K to bfloat16 without carrying the
-    # rounding error (factor_residual_n) ended 9–11% higher, over three batch orders
-    assert abs(bf16_loss - fp32_loss) <= 0.05 * fp32_loss, (bf16_loss, fp32_loss)
+    # measured over three batch orders: −0.25%, −0.31%, +0.52% (this one: −0.25%)
+    assert abs(bf16_loss - fp32_loss) <= 0.01 * fp32_loss, (bf16_loss, fp32_loss)
+
+    # the same run without carrying the rounding error (no factor_residual_n state): it drifts
+    # (measured: −10.0%, −7.7%, −9.0% over the same three batch orders; this one −10.0%)
+    init_block_state = SIRFShampoo._init_block_state
+
+    def without_residual(self, block):
+        init_block_state(self, block)
+        state = self.state[block.owner]
+        for key in [k for k in state if k.startswith("factor_residual_")]:
+            del state[key]
+
+    monkeypatch.setattr(SIRFShampoo, "_init_block_state", without_residual)
+    rounded_loss, _, rounded = _digits_run(torch.bfloat16, 2000)
+    assert not any(k.startswith("factor_residual_") for s in rounded.state.values() for k in s)
+    assert abs(rounded_loss - fp32_loss) >= 0.05 * fp32_loss, (rounded_loss, fp32_loss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ class CheckedStateDict:
 
     #: hyperparameter keys a loaded group may lack (filled from the current group: keys added later)
     _optional_group_keys: frozenset[str] = frozenset()
+    #: values of group keys added after a checkpoint was saved that keep its saved behaviour
+    _legacy_group_defaults: dict[str, Any] = {}  # noqa: RUF012  (read only)
 
     # -- hooks for the optimizer classes -----------------------------------------------------------
     def _check_loaded_groups(self, groups: list[dict[str, Any]]) -> None:
@@ -199,6 +201,11 @@ class CheckedStateDict:
             for key in self._optional_group_keys:
                 if key not in new and key in g:
                     new[key] = copy.deepcopy(g[key])
+            for key, value in self._legacy_group_defaults.items():  # saved before the key existed
+                if key in g:
+                    new.setdefault(key, value)
+            if "batch_size" in g:  # B follows the run (world size, accumulation), not the checkpoint
+                new["batch_size"] = g["batch_size"]
             new["params"] = g["params"]
             if "param_names" in g and "param_names" not in new:
                 new["param_names"] = g["param_names"]

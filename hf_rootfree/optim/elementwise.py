@@ -708,6 +708,9 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
         q = 2.0 * math.sqrt(group["batch_size"]) * self._step_gain(group) if adamw_units else 0.0
         return group["relative_damping"], q, group["batch_size"]
 
+    #: checkpoints from before s0, relative damping and lr units resume with the paper's update
+    _legacy_group_defaults = PAPER_MODE
+
     def _step_gain(self, group: dict[str, Any]) -> float:
         """What the momentum does to the steady-state step (1 for an average of g)."""
         return 1.0

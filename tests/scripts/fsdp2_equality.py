@@ -2,7 +2,9 @@
 
 ``fully_shard`` makes every parameter a DTensor sharded over the two ranks. The element-wise
 optimizers update each rank's local shard; SIRFShampoo gathers the gradient and preconditions
-the whole tensor (its factors are replicated), so both must end where one process does. Then a
+the whole tensor (its factors are replicated), so both must end where one process does, in
+parameters and in optimizer state (the sharded state gathered from the ranks' local shards; the
+replicated state bitwise equal on every rank). Then a
 sharded checkpoint (torch.distributed.checkpoint with ``get/set_optimizer_state_dict``, what
 accelerate and the Trainer use) is saved mid-run and a fresh model + optimizer resumed from it
 must end bitwise where the uninterrupted run did. Rank 0 writes a JSON report to argv[1].
@@ -26,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
 from _cases import CASES
+from _state import full_state, local_shard_checksums, replicated_state_ranks_equal
 from _teardown import leave
 
 import hf_rootfree
@@ -87,14 +90,21 @@ def main() -> None:
         optimizer = cls(model.parameters(), **kwargs, **batch)
         run(model, optimizer, range(STEPS), rank, world)
         sharded = full(model)
-        gathered = [torch.empty_like(sharded) for _ in range(world)]
-        dist.all_gather(gathered, sharded)
+        sharded_state = full_state(model, optimizer)
+        replicated_equal, replicated_numel = replicated_state_ranks_equal(model, optimizer)
+        checksums = local_shard_checksums(model, optimizer)
+        sharded_values = [
+            v for s in optimizer.state.values() for v in s.values() if hasattr(v, "full_tensor")
+        ]
+        sharded_numel = sum(v.numel() for v in sharded_values)
+        sharded_abs_sum = sum(float(v.full_tensor().double().abs().sum()) for v in sharded_values)
 
         # the same steps in one process on the whole batch
         single = net()
         single_optimizer = cls(single.parameters(), **single_kwargs)
         run(single, single_optimizer, range(STEPS), 0, 1)
         expected = full(single)
+        expected_state = full_state(single, single_optimizer)
 
         # sharded checkpoint at RESUME_AT, then resume into a fresh model and optimizer
         first = shard(net(), mesh)
@@ -119,8 +129,17 @@ def main() -> None:
         report[name] = {
             "sharded_parameters": all(hasattr(p, "full_tensor") for p in model.parameters()),
             "state_types": sorted({type(v).__name__ for s in optimizer.state.values() for v in s.values()}),
-            "ranks_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            "replicated_state_ranks_equal": replicated_equal,
+            "replicated_state_numel": replicated_numel,
+            "sharded_state_numel": sharded_numel,
+            "local_shard_checksums": checksums,
+            "sharded_state_abs_sum": sharded_abs_sum,
             "max_abs_error_vs_one_process": float((sharded - expected).abs().max()),
+            "state_numel": [sharded_state.numel(), expected_state.numel()],
+            "state_max_abs_error_vs_one_process": float((sharded_state - expected_state).abs().max())
+            if sharded_state.numel() == expected_state.numel()
+            else float("inf"),
+            "state_max_abs_value": float(expected_state.abs().max()),
             "moved": float((expected - full(net())).abs().max()),
             "resume_max_abs_diff": float((resumed - sharded).abs().max()),
             "first_state_keys": sorted(local_state),

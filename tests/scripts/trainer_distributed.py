@@ -2,9 +2,9 @@
 
 Run with ``torchrun --nproc_per_node 2 trainer_distributed.py OUT``. For each name it trains a
 tiny GPT-2 for 4 steps with a checkpoint at step 2, resumes a fresh Trainer from that checkpoint,
-and rank 0 writes OUT/report.json: whether all ranks hold the same parameters, whether the resumed
-run ended where the uninterrupted one did, the losses, the B the optimizer got and the final
-parameters.
+and rank 0 writes OUT/report.json: whether all ranks hold the same parameters and optimizer
+state, whether the resumed run ended where the uninterrupted one did, the losses, the B the
+optimizer got, the final parameters and the final optimizer state.
 
 A second argument picks FSDP2 instead of DDP: ``fsdp2`` asks for it through TrainingArguments
 (``fsdp``/``fsdp_config``), ``accelerate`` takes it from ``accelerate launch --config_file
@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
 
+from _state import full_state, replicated_state_ranks_equal
 from _teardown import leave
 
 import hf_rootfree  # registers the --optim names
@@ -141,6 +142,8 @@ def main() -> None:
         optimizer = first.optimizer
         while hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer
+        state_ranks_equal, replicated_numel = replicated_state_ranks_equal(first.model, optimizer)
+        state = full_state(first.model, optimizer)
 
         resumed = Trainer(model=model(), args=args(out / name, name), train_dataset=Tokens())
         resumed.train(resume_from_checkpoint=str(out / name / "checkpoint-2"))
@@ -149,6 +152,10 @@ def main() -> None:
             "optimizer": type(optimizer).__name__,
             "world_size": dist.get_world_size(),
             "ranks_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            # under DDP every state tensor; under FSDP2 those each rank keeps whole
+            "state_ranks_equal": state_ranks_equal,
+            "replicated_state_numel": replicated_numel,
+            "state_types": sorted({type(v).__name__ for s in optimizer.state.values() for v in s.values()}),
             "resume_max_abs_diff": float((after_resume - uninterrupted).abs().max()),
             "moved": float((uninterrupted - full_parameters_of(model())).abs().max()),
             "losses": losses,
@@ -156,6 +163,7 @@ def main() -> None:
             "sharded_parameters": any(hasattr(p, "full_tensor") for p in first.model.parameters()),
             "checkpoint": sorted(f.name for f in (out / name / "checkpoint-2").iterdir()),
             "final": uninterrupted.tolist(),
+            "final_state": state.tolist(),  # sharded state gathered from the local shards
         }
     if dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps(report, indent=2))
