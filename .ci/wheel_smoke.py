@@ -144,8 +144,10 @@ def run(scratch: Path) -> None:
         [sys.executable, "-m", "hf_rootfree", "--help"], capture_output=True, text=True, check=False
     )
     check(
-        launcher.returncode == 0 and launcher.stdout.startswith("usage: python -m hf_rootfree"),
-        "python -m hf_rootfree --help prints the usage",
+        launcher.returncode == 0
+        and launcher.stdout.startswith("usage: python -m hf_rootfree")
+        and all(name in launcher.stdout for name in EXPECTED_NAMES),
+        "python -m hf_rootfree --help prints the usage with the five names",
     )
     print(f"wheel smoke test passed: hf_rootfree {installed} from {package}")
 

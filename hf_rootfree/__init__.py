@@ -4,10 +4,13 @@ Optimizers from Lin et al., "Can We Remove the Square-Root in Adaptive Gradient 
 Second-Order Perspective" (ICML 2024) and AdaX (Li et al., 2020), as plain PyTorch optimizers.
 
 Importing the package registers the ``--optim`` names ``rootfree_adamw``, ``rootfree_rmsprop``,
-``adax`` and ``rootfree_adax`` with transformers (:func:`register` is the explicit, idempotent
-form). If transformers' internals are not what we expect, the import only warns, so the
-optimizers stay usable; :func:`register` raises with the reason and the fallback
+``adax``, ``rootfree_adax`` and ``sirfshampoo`` with transformers (:func:`register` is the
+explicit, idempotent form). If transformers' internals are not what we expect, the import only
+warns, so the optimizers stay usable; :func:`register` raises with the reason and the fallback
 :func:`optimizer_cls_and_kwargs`.
+
+The version (``__version__``) follows PEP 440: ``MAJOR.MINOR.PATCH`` for releases and the next
+release plus ``.devN`` between them.
 """
 
 import warnings

@@ -19,8 +19,8 @@ import sys
 USAGE = (
     "usage: python -m hf_rootfree SCRIPT.py [ARGS ...]\n"
     "       python -m hf_rootfree -m MODULE [ARGS ...]\n"
-    "Registers the --optim names rootfree_adamw, rootfree_rmsprop, adax, rootfree_adax with "
-    "transformers, then runs the script (or module) as __main__ with its own arguments."
+    "Registers the --optim names rootfree_adamw, rootfree_rmsprop, adax, rootfree_adax, sirfshampoo "
+    "with transformers, then runs the script (or module) as __main__ with its own arguments."
 )
 
 
