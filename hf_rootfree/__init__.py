@@ -7,6 +7,9 @@ Importing the package registers the ``--optim`` names of :data:`OPTIMIZERS` with
 {names}. :func:`register` is the explicit, idempotent form. If transformers' internals are not
 what we expect, the import only warns, so the optimizers stay usable; :func:`register` raises with
 the reason and the fallback :func:`optimizer_cls_and_kwargs`.
+
+The version (``__version__``) follows PEP 440: ``MAJOR.MINOR.PATCH`` for releases and the next
+release plus ``.devN`` between them.
 """
 
 import warnings

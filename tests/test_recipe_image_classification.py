@@ -105,6 +105,13 @@ def test_the_model_card_parses_and_holds_the_accuracy(smoke_run):
     assert record["command"] in card.text
 
 
+def test_the_model_card_names_the_digits_source_and_its_licence(smoke_run):
+    record = smoke_run("convnext", "rootfree_adamw")
+    text = (Path(record["output_dir"]) / "README.md").read_text()
+    assert "Data: scikit-learn's copy of the UCI Optical Recognition of Handwritten Digits" in text
+    assert "CC BY 4.0" in text
+
+
 def test_fine_tuning_loads_the_pretrained_backbone_and_replaces_a_head_of_another_size(tmp_path):
     torch.manual_seed(123)
     config = ConvNextConfig(
