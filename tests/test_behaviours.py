@@ -13,9 +13,10 @@ import warnings
 import pytest
 import torch
 from sirf_oracle import SIRFShampooOracle
+from sirf_paper import SIRFShampoo
 from test_sirfshampoo_math import rel_err
 
-from hf_rootfree import RootFreeAdamW, SIRFShampoo
+from hf_rootfree import RootFreeAdamW
 from hf_rootfree.integrations import transformers as integration
 from hf_rootfree.optim import _fused, elementwise
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from optim_db import OPTIM_DB, PATHS
+from sirf_paper import SIRFShampoo
 
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
+from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
 from hf_rootfree.optim import _fused
 
 

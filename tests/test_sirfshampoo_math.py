@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 import torch
 from sirf_oracle import SIRFShampooOracle, preconditioned_shape
+from sirf_paper import SIRFShampoo
 from torch import nn
-
-from hf_rootfree import SIRFShampoo
 
 #: errors are relative max errors, max |a − b| / max |b|
 #: against the reference package (both in float32): at most 4.4e-6 measured over the four cases

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sirf_paper import SIRFShampoo
 from torch import nn
-
-from hf_rootfree import SIRFShampoo
 
 B = 4  # batch_size of every optimizer here
 STEPS = 50

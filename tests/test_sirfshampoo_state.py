@@ -14,9 +14,8 @@ import warnings
 import pytest
 import torch
 from host_reads import HostReads
+from sirf_paper import SIRFShampoo
 from torch import nn
-
-from hf_rootfree import SIRFShampoo
 
 HYPER = dict(lr=0.02, momentum=0.9, weight_decay=1e-3, precond_lr=0.1, precond_momentum=0.5, damping=1e-3)
 

@@ -878,7 +878,8 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if not params:
                 continue
             tensors = [full[p] for p in params]
-            norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+            wide = any(t.dtype == torch.float64 for t in tensors)
+            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64 if wide else torch.float32)
             gain = 1.0 - group["momentum"]
             factors = torch._foreach_reciprocal(torch._foreach_clamp_min(norms, 1e-30))
             torch._foreach_mul_(factors, [gain * math.sqrt(max(t.numel(), 1)) for t in tensors])
