@@ -402,6 +402,8 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self._validate(defaults)
+        #: per group index: (params, coefficients, per-tensor scales) of the last step
+        self._denominators: dict[int, tuple[list[torch.Tensor], Any, Scales | None]] = {}
         super().__init__(params, defaults)
 
     # -- hooks for the configurations --------------------------------------------------------
@@ -452,6 +454,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_denominators", {})
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -557,28 +560,56 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
     # -- diagnostics --------------------------------------------------------------------------------
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """Statistics for logging: the mean second moment and the mean preconditioner.
+        """Statistics for logging, over all elements with state.
 
-        ``s_mean`` is the mean of the second-moment state over all elements (root-free: the
-        curvature estimate s, ≈ 1 early, ≈ B·E[g²] later); ``precond_mean`` is the mean of the
-        per-element step scale 1/(s + λ) (AdaX: 1/(sqrt(v̂) + ε)). Reads the state, so it
-        synchronizes with the device: call it at logging steps only.
+        * ``s_mean``: the mean second-moment state (root-free: the curvature estimate s, a running
+          average of B·g²);
+        * ``precond_mean``: the mean per-element step scale 1/d of the last step, with d the
+          denominator actually used (``k·s + e``: bias correction, damping, and in AdamW units the
+          per-tensor scale; AdaX: ``k·sqrt(v̂) + e``);
+        * ``adaptive_fraction``: the fraction of elements whose curvature term (the B·g² part of
+          ŝ) exceeds the rest of the denominator (damping, and a prior s0 still in s): how adaptive
+          the method currently is. Near 0 the method is SGD-like (e.g. the paper's s0 = 1 prior
+          early in training); root-free defaults sit near the middle, since λ_l follows the
+          tensor's typical curvature.
+
+        Reads the state, so it synchronizes with the device: call it at logging steps only.
         """
-        total, s_sum, precond_sum = 0, 0.0, 0.0
-        for group in self.param_groups:
-            damping = group.get("damping", group.get("eps", 0.0))
+        total, adaptive, s_sum, precond_sum = 0, 0, 0.0, 0.0
+        for index, group in enumerate(self.param_groups):
+            last = self._denominators.get(index)
+            rows = {} if last is None else {id(p): i for i, p in enumerate(last[0])}
             for p in group["params"]:
-                s = self.state.get(p, {}).get(self._second_key)
-                if s is None or s.numel() == 0:
+                state = self.state.get(p, {})
+                s = state.get(self._second_key)
+                if s is None or s.numel() == 0 or id(p) not in rows:
                     continue
-                s = s.double()
-                denom = (s.sqrt() if self._root else s) + damping
+                _, coeffs, scales = last
+                i = rows[id(p)]
+                _, _, k, e = coeffs[i if len(coeffs) > 1 else 0][:4]
+                if scales is not None:
+                    k, e = float(scales[0][i]), float(scales[1][i])
+                s = _local_tensors([s])[0].double()
+                s0 = float(group.get("s0", 0.0))
+                prior = s0 * self._prior_weight(group, float(state["step"])) if s0 else 0.0
+                curvature = (s - prior).clamp_min(0.0)
+                curvature = (curvature.sqrt() if self._root else curvature) * k
+                rest = (s.sqrt() if self._root else s) * k + e - curvature
                 total += s.numel()
+                adaptive += int((curvature > rest).sum())
                 s_sum += float(s.sum())
-                precond_sum += float(denom.reciprocal().sum())
+                precond_sum += float(((s.sqrt() if self._root else s) * k + e).reciprocal().sum())
         if total == 0:
             return {}
-        return {"s_mean": s_sum / total, "precond_mean": precond_sum / total}
+        return {
+            "s_mean": s_sum / total,
+            "precond_mean": precond_sum / total,
+            "adaptive_fraction": adaptive / total,
+        }
+
+    def _prior_weight(self, group: dict[str, Any], step: float) -> float:
+        """The weight of s0 in s after ``step`` steps (a^t for a constant decay a)."""
+        return self._coefficients(group, step)[0] ** step
 
     # -- step -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -594,7 +625,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                 loss = closure()
         # Check every group before touching any: bad input must not leave a half-applied step.
         work = [(group, self._init_group(group)) for group in self.param_groups]
-        for group, (params, grads, bufs, seconds, steps) in work:
+        for index, (group, (params, grads, bufs, seconds, steps)) in enumerate(work):
             if not params:
                 continue
             torch._foreach_add_(steps, 1.0)  # steps live on the CPU: no device sync
@@ -608,6 +639,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                 coeffs = [cache[t] for t in values]
             adaptive = self._adaptive(group)
             scales = None if adaptive is None else _adaptive_scales(grads, coeffs, *adaptive)
+            self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
             params, grads, bufs, seconds = (_local_tensors(ts) for ts in (params, grads, bufs, seconds))
@@ -1130,6 +1162,14 @@ class RootFreeAdaX(_RootFreeOptimizer):
         _check_nonnegative("prior_steps", group["prior_steps"], owner)
         _check_batch_size(group["batch_size"], owner)
         self._validate_rootfree(group)
+
+    def _prior_weight(self, group: dict[str, Any], step: float) -> float:
+        """Π β̂_τ = (1 + β2)^t·n0·β2 / D_t: the weight of s0 after t steps."""
+        beta2, n0 = group["betas"][1], group["prior_steps"]
+        if n0 == 0:
+            return 0.0
+        _, log_d = adax_weight(step, beta2, n0)
+        return math.exp(step * math.log1p(beta2) + math.log(n0 * beta2) - log_d)
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
