@@ -34,17 +34,44 @@ VALID_KEYS = {
         "damping",
         "foreach",
         "fused",
+        "lr_units",
+        "relative_damping",
+        "s0",
         "state_dtype",
     ],
-    "rootfree_rmsprop": ["alpha", "batch_size", "damping", "foreach", "fused", "momentum", "state_dtype"],
+    "rootfree_rmsprop": [
+        "alpha",
+        "batch_size",
+        "bias_correction",
+        "damping",
+        "foreach",
+        "fused",
+        "lr_units",
+        "momentum",
+        "relative_damping",
+        "s0",
+        "state_dtype",
+    ],
     "adax": ["betas", "eps", "foreach", "fused", "state_dtype"],
-    "rootfree_adax": ["batch_size", "betas", "damping", "foreach", "fused", "prior_steps", "state_dtype"],
+    "rootfree_adax": [
+        "batch_size",
+        "betas",
+        "damping",
+        "foreach",
+        "fused",
+        "lr_units",
+        "prior_steps",
+        "relative_damping",
+        "s0",
+        "state_dtype",
+    ],
     "sirfshampoo": [
         "batch_size",
         "block_size",
         "damping",
         "hierarchical_sizes",
         "large_dim_structure",
+        "lr_units",
         "max_dense_dim",
         "merge_dims",
         "momentum",
@@ -157,17 +184,17 @@ def test_optim_args_false_and_zero_are_false_not_truthy_strings(text):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_optim_args_key_builds_the_optimizer(name):
     text = {
-        "rootfree_adamw": "betas=(0.8,0.9),damping=1e-3,batch_size=16,bias_correction=true,"
-        "state_dtype=float64,foreach=false,fused=false",
-        "rootfree_rmsprop": "alpha=0.9,damping=1e-3,momentum=0,batch_size=16,state_dtype=float64,"
-        "foreach=true,fused=none",
+        "rootfree_adamw": "betas=(0.8,0.9),damping=1e-3,batch_size=16,bias_correction=false,s0=1,"
+        "relative_damping=0,lr_units=paper,state_dtype=float64,foreach=false,fused=false",
+        "rootfree_rmsprop": "alpha=0.9,damping=1e-3,momentum=0,batch_size=16,bias_correction=true,s0=0,"
+        "relative_damping=0.5,lr_units=adamw,state_dtype=float64,foreach=true,fused=none",
         "adax": "betas=(0.8,1e-3),eps=1e-8,state_dtype=float64,foreach=none,fused=false",
-        "rootfree_adax": "betas=(0.8,1e-3),damping=1e-3,prior_steps=2,batch_size=16,state_dtype=float64,"
-        "foreach=false,fused=none",
+        "rootfree_adax": "betas=(0.8,1e-3),damping=1e-3,prior_steps=2,batch_size=16,s0=1.0,"
+        "relative_damping=0.1,lr_units=paper,state_dtype=float64,foreach=false,fused=none",
         "sirfshampoo": "momentum=0.5,precond_lr=0.05,precond_momentum=0,damping=1e-4,batch_size=16,"
         "update_freq=3,structures=(dense,block_diagonal),precond_dtype=bfloat16,max_dense_dim=none,"
         "merge_dims=false,block_size=8,hierarchical_sizes=(2,2),large_dim_structure=block_diagonal,"
-        "share_bias=false",
+        "share_bias=false,lr_units=paper",
     }[name]
     parsed = parse_optim_args(name, text)
     assert sorted(parsed) == VALID_KEYS[name]
