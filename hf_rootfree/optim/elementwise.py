@@ -356,8 +356,9 @@ def _adaptive_scales(
     """
     numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
     local_g = _local_tensors(grads)
-    sum_dtype = _compute_dtype(*local_g)  # float32, or float64 for float64 gradients
-    g_mean = torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=sum_dtype), numels)
+    # NOTE: summed in float64, so that a sum over FSDP2 shards equals the one-process sum to
+    # ~1e-16 rather than float32's ~1e-7 (which the step then carries).
+    g_mean = list(torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float64), numels))
     groups = [_shard_groups(t) for t in grads]
     sharded = [i for i, gs in enumerate(groups) if gs]
     if sharded:  # FSDP2: the means of the whole tensors, summed over the shards

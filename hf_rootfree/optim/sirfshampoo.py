@@ -715,7 +715,6 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 owned = [b for b, owner in zip(work, share) if owner == rank]
                 if owned:
                     self._exchange(owned, [b for b in owned if id(b) in is_due], full, src=rank)
-        self._to_adamw_units(full)
         updates = {p: _local_part(u, p) for p, u in full.items()}
         for block in active:
             if block.empty:
@@ -861,29 +860,24 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         grad = grad * _bcast(scale, grad)  # bf16 factors: the product is float32, like the scale
         for block, update in zip(bucket, grad.unbind(0)):
             for p, part in zip(block.params, block.split(update)):
-                if p.grad is not None:
-                    updates[p] = part  # the whole tensor's update, also for a DTensor parameter
+                if p.grad is not None:  # the whole tensor's update, also for a DTensor parameter
+                    updates[p] = self._in_adamw_units(p, part)
 
-    def _to_adamw_units(self, full: dict[Tensor, Tensor]) -> None:
-        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) per parameter, in place.
+    def _in_adamw_units(self, p: Tensor, update: Tensor) -> Tensor:
+        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for one parameter (else P as is).
 
         The heavy ball then sums to an RMS of 1 for a steady direction and ≈ 0.23 for pure
-        noise (α1 = 0.9), as AdamW's m̂/sqrt(v̂) does, so AdamW's learning rate carries over. The
-        whole tensor's update is used (also for a DTensor), so the scale is that of one process.
+        noise (α1 = 0.9), as AdamW's m̂/sqrt(v̂) does, so AdamW's learning rate carries over. It
+        runs where the preconditioned gradient is made (by its owner under ``distributed``), on
+        the whole tensor, so every rank and one process get the same numbers.
         """
-        for group in self.param_groups:
-            if group["lr_units"] != "adamw":
-                continue
-            params = [p for p in group["params"] if p in full]
-            if not params:
-                continue
-            tensors = [full[p] for p in params]
-            wide = any(t.dtype == torch.float64 for t in tensors)
-            norms = torch._foreach_norm(tensors, 2, dtype=torch.float64 if wide else torch.float32)
-            gain = 1.0 - group["momentum"]
-            factors = torch._foreach_reciprocal(torch._foreach_clamp_min(norms, 1e-30))
-            torch._foreach_mul_(factors, [gain * math.sqrt(max(t.numel(), 1)) for t in tensors])
-            torch._foreach_mul_(tensors, [f.to(t.dtype) for f, t in zip(factors, tensors)])
+        group = self._group_of(p)
+        if group["lr_units"] != "adamw":
+            return update
+        dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(update, dtype=dtype).clamp_min(1e-30)
+        gain = (1.0 - group["momentum"]) * math.sqrt(max(update.numel(), 1))
+        return (update.to(dtype) * (gain / norm)).to(update.dtype)
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """b ← α1·b + (P + κ·µ);  µ ← µ − β1·b, with foreach ops per group where dtypes allow."""
