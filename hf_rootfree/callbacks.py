@@ -23,8 +23,10 @@ class RootFreeDiagnosticsCallback(TrainerCallback):
     """Add the optimizer's statistics to every Trainer log (so to ``report_to`` loggers too).
 
     Each hf_rootfree optimizer has a ``diagnostics()`` method returning floats, e.g. for the
-    element-wise family ``s_mean`` (the mean curvature estimate s, whose inverse scales the step)
-    and ``precond_mean`` (the mean of 1/(s + λ)). They are logged as ``optim/<key>``, computed
+    element-wise family ``s_mean`` (the mean curvature estimate s), ``precond_mean`` (the mean
+    per-element step scale 1/d of the last step) and ``adaptive_fraction`` (the share of elements
+    whose B·g² exceeds the damping and any prior: near 0 the method is SGD-like, as the paper's
+    s0 = 1 prior is early in training). They are logged as ``optim/<key>``, computed
     only at logging steps. SIRFShampoo's ``diagnostics()`` also warns (once) when its factor updates
     keep being skipped as non-finite, so attaching this callback is what surfaces that in a run.
 

@@ -348,7 +348,7 @@ def _adaptive_scales(
         d   = k·s + λ_l                           when q = 0 (the paper's lr)
 
     B·ḡ² is the tensor's typical per-example curvature: unlike mean(B·g²) it is not dominated by
-    the few largest entries (on a tiny BERT, damping at mean(ŝ) left the model at chance, at
+    the few largest entries (on a tiny BERT, damping at mean(B·g²) left the model at chance, at
     B·ḡ² it trained like AdamW). It needs one read of the gradients, before the kernel runs, so
     every path (reference, foreach, fused) gets the same numbers. For DTensors (FSDP2) the sums
     are all-reduced over the shards, so λ_l is that of the whole tensor, as in one process.
