@@ -124,11 +124,19 @@ class Entry:
         return f"{self.name}[{self.path}]"
 
 
+#: --mode paper: the paper's parametrization (fixed damping, no per-tensor statistics)
+PAPER = {"RootFreeAdaX": {"relative_damping": 0.0, "lr_units": "paper", "damping": 1e-4}}
+PAPER_ELEMENTWISE = {"s0": 1.0, "bias_correction": False, "relative_damping": 0.0, "lr_units": "paper"}
+MODE = {"mode": "default"}
+
+
 def our_factory(
     name: str, kwargs: dict[str, bool | None]
 ) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     cls = getattr(hf_rootfree, name)
     extra = {} if name == "AdaX" else {"batch_size": BATCH_SIZE}
+    if MODE["mode"] == "paper" and name != "AdaX":
+        extra.update(PAPER.get(name, {**PAPER_ELEMENTWISE, "damping": 1e-4}))
     return lambda params: cls(params, **extra, **kwargs)
 
 
@@ -366,11 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=15, help="rounds, i.e. samples per optimizer (default 15)"
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per optimizer first (default 3)")
+    parser.add_argument(
+        "--mode",
+        default="default",
+        choices=("default", "paper"),
+        help="our optimizers' defaults (AdamW units: one extra read of the gradients per step for "
+        "the per-tensor damping) or the paper's parametrization (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--all-paths", action="store_true", help="also time our foreach and reference paths")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     args = parser.parse_args(argv)
+    MODE["mode"] = args.mode
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         parser.error("--steps, --repeats and --warmup must be >= 1")
 
