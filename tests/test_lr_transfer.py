@@ -94,3 +94,22 @@ def test_diagnostics_show_the_sgd_like_phase_of_the_prior_and_its_absence_by_def
         fractions[name] = opt.diagnostics()["adaptive_fraction"]
     assert fractions["paper"] < 0.01, fractions
     assert fractions["default"] > 0.5, fractions
+
+
+@pytest.mark.parametrize("cls", [RootFreeAdamW, RootFreeRMSprop, RootFreeAdaX])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(s0=1.0, bias_correction=True), ValueError, r"bias_correction=True needs s0=0 \(got s0=1.0\)"),
+        (dict(lr_units="sgd"), ValueError, r"lr_units must be one of \('adamw', 'paper'\), got 'sgd'"),
+        (dict(relative_damping=-0.1), ValueError, r"relative_damping must be in \[0, inf\)"),
+        (dict(relative_damping=0.0, damping=0.0), ValueError, r"lr_units='adamw' needs relative_damping > 0"),
+        (dict(s0=-1.0, bias_correction=False), ValueError, r"s0 must be in \[0, inf\)"),
+        (dict(bias_correction="yes"), TypeError, r"bias_correction must be True or False, got 'yes'"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_refused_naming_the_argument(cls, kwargs, error, match) -> None:
+    if cls is RootFreeAdaX and "bias_correction" in kwargs:
+        pytest.skip("RootFreeAdaX has no bias correction (its schedule is normalized)")
+    with pytest.raises(error, match=match):
+        cls([torch.nn.Parameter(torch.zeros(2))], batch_size=4, **kwargs)

@@ -679,7 +679,7 @@ _IMPL_ARGS_DOC = """
 _ROOTFREE_ARGS_DOC = """
         s0: initial value of s, ≥ 0 (default 0: s is an average of B·g² from the first step).
             The paper's prior is 1.
-        relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's mean curvature:
+        relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's typical curvature:
             λ_l = λ + ρ·B·ḡ², ḡ = mean(|g|) over the tensor at this step (default 0.3). 0 gives
             the paper's fixed λ.
         lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the step of every tensor is
@@ -698,9 +698,9 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
     choices make an AdamW learning rate and weight decay carry over unchanged (``lr_units=
     "adamw"``, ``relative_damping`` ρ > 0, the default):
 
-    * λ_l = λ + ρ·B·ḡ² per tensor (ḡ = mean |g| over its elements at this step): the damping follows
-      the tensor's own typical curvature, which on
-      transformers spans 1e-10 … 1e-4 across layers, where one fixed λ fits none of them;
+    * λ_l = λ + ρ·B·ḡ² per tensor (ḡ = mean |g| over its elements at this step): the damping
+      follows the tensor's own typical curvature, which on transformers spans 1e-10 … 1e-4 across
+      layers, where one fixed λ fits none of them;
     * the step of one element, η·g/(B·g² + λ_l), peaks at Δmax = η/(2·sqrt(B·λ_l)) at
       B·g² = λ_l; multiplying it by 2·sqrt(B·λ_l) makes that peak η, AdamW's per-element step.
 
@@ -709,26 +709,22 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
     one scalar per tensor.
     """
 
-    def _validate_rootfree(self, group: dict[str, Any], damping_key: str = "damping") -> None:
+    def _validate_rootfree(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
         _check_nonnegative("s0", group["s0"], owner)
         _check_nonnegative("relative_damping", group["relative_damping"], owner)
         if group["lr_units"] not in _LR_UNITS:
             raise ValueError(f"{owner}: lr_units must be one of {_LR_UNITS}, got {group['lr_units']!r}")
-        if group.get("bias_correction", False):
-            if not isinstance(group["bias_correction"], bool):
-                value = group["bias_correction"]
-                raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
-            if group["s0"] != 0:
-                raise ValueError(
-                    f"{owner}: bias_correction=True needs s0=0 (got s0={group['s0']!r}): dividing s by "
-                    "(1 − β2^t) multiplies a prior s0 by up to 1/(1 − β2) in the first steps. Use "
-                    "s0=0 with bias correction, or s0 > 0 with bias_correction=False"
-                )
-        elif "bias_correction" in group and not isinstance(group["bias_correction"], bool):
-            value = group["bias_correction"]
-            raise TypeError(f"{owner}: bias_correction must be True or False, got {value!r}")
-        if group["relative_damping"] == 0 and group[damping_key] == 0:
+        bias_correction = group.get("bias_correction", False)
+        if not isinstance(bias_correction, bool):
+            raise TypeError(f"{owner}: bias_correction must be True or False, got {bias_correction!r}")
+        if bias_correction and group["s0"] != 0:
+            raise ValueError(
+                f"{owner}: bias_correction=True needs s0=0 (got s0={group['s0']!r}): dividing s by "
+                "(1 − β2^t) multiplies a prior s0 by up to 1/(1 − β2) in the first steps. Use "
+                "s0=0 with bias correction, or s0 > 0 with bias_correction=False"
+            )
+        if group["relative_damping"] == 0 and group["damping"] == 0:
             if group["lr_units"] == "adamw":
                 raise ValueError(
                     f"{owner}: lr_units='adamw' needs relative_damping > 0 or damping > 0 (both are 0): "
