@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests never touch the network (DESIGN §7).
+# Tests never touch the network.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 

@@ -45,7 +45,7 @@ def _rmsprop_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor
 
 
 def _adax_state(case: OptimCase, o: dict[str, Any]) -> dict[str, torch.Tensor]:
-    # The package keeps the normalized v̂ = v / c_t (DESIGN §3.3).
+    # The package keeps the normalized v̂ = v / c_t (see AdaX's docstring).
     return {"exp_avg": o["m"], "exp_avg_sq": o["v"] / oracle.adax_c(o["t"], case.kwargs["betas"][1])}
 
 

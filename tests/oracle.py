@@ -123,7 +123,7 @@ def adax_c(t: int, beta2: float) -> float:
 
 
 def adax(mu, g, state, *, lr, betas, eps, weight_decay) -> torch.Tensor:
-    """DESIGN §3.3: AdaX-W in its original, unnormalized form.
+    """AdaX-W in its original, unnormalized form.
 
     µ ← µ·(1 − η·γ);  m ← β1·m + (1 − β1)·g;  v ← (1 + β2)·v + β2·g²;  c_t = (1 + β2)^t − 1;
     µ ← µ − η·sqrt(c_t)·m / (sqrt(v) + ε), with m0 = 0, v0 = 0.

@@ -1,4 +1,4 @@
-"""A naive float64 oracle for SIRFShampoo, written from DESIGN.md §3.6.
+"""A naive float64 oracle for SIRFShampoo, written from the equations of its class docstring.
 
 Everything is a plain dense float64 matrix: a structured factor is the dense matrix it stands for,
 and "projected onto the structure" is an explicit dense projection (:func:`project`). The

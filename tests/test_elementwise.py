@@ -2,7 +2,7 @@
 
 Each test name is a claim. Generic tests run over the config table ``optim_db.OPTIM_DB`` and over
 the three implementations of the update (``optim_db.PATHS``); the ground truth is the float64
-oracle of ``oracle.py``, written from DESIGN.md §3.1–3.4 without looking at the package.
+oracle of ``oracle.py``, written from the equations without looking at the package.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def regression_problem(dtype: torch.dtype = torch.float32):
 
 
 # ---------------------------------------------------------------------------------------------
-# the math: every path equals the float64 oracle of DESIGN.md
+# the math: every path equals the float64 oracle of the equations
 # ---------------------------------------------------------------------------------------------
 
 
@@ -695,7 +695,7 @@ def test_adax_weight_matches_the_direct_formula_where_that_is_finite(
 
 
 def test_adax_weight_at_the_first_step() -> None:
-    """DESIGN §3.3/3.4: AdaX's first step keeps only g² (β̂_1 = 0); with n0 = 1 the prior and the
+    """AdaX's first step keeps only g² (β̂_1 = 0); with n0 = 1 the prior and the
     first observation weigh (almost) equally: 1 − β̂_1 = 1/(2 + β2)."""
     assert adax_weight(1, 1e-4, 0.0)[0] == pytest.approx(1.0, rel=1e-12)
     assert adax_weight(1, 1e-4, 1.0)[0] == pytest.approx(1 / (2 + 1e-4), rel=1e-12)

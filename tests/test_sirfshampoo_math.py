@@ -2,7 +2,7 @@
 
 * With ``structures="dense"``, ``merge_dims=False`` and no dense-size limit, ``SIRFShampoo``
   reproduces ``sirfshampoo==0.0.1`` (parameters, factors and factor momenta) on a small model
-  trained with real losses (DESIGN §3.6).
+  trained with real losses.
 * For every structure, per-axis and per-rank structure specs, merged axes, axes over
   ``max_dense_dim``, size-1 axes and weight + bias sharing, ``SIRFShampoo`` on float64 parameters
   matches the naive float64 oracle of ``sirf_oracle.py`` (written from the equations) to 1e-9

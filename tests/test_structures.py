@@ -3,7 +3,7 @@
 Each operation of each structure is checked against its dense definition, in float64, on a batch
 of n = 3 factors. The dense projection onto a structure (``dense_projection``) and the structure
 membership test (``in_structure``) are written here from the SINGD convention quoted in
-DESIGN.md §3.6 and the module docstring, not from the package's code.
+the paper's equations and the module docstring, not from the package's code.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The element-wise family: one update, four configurations.
 
-RootFreeAdamW, RootFreeRMSprop, AdaX and RootFreeAdaX (DESIGN.md §3.1–3.4) are all one
+RootFreeAdamW, RootFreeRMSprop, AdaX and RootFreeAdaX (each class docstring has its equations) are all one
 element-wise update with a few switches. Per tensor and per step it needs nine scalars,
 the *coefficients* ``(a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add)``::
 
@@ -22,7 +22,7 @@ Each optimizer class only says how its hyperparameters and the step t map to the
 * :func:`_fused_step`, a compiled C++ kernel that makes one pass over memory (the default on CPU;
   ``csrc/elementwise.cpp``), built on first use, with a clean fallback to the reference path.
 
-Tests check all three against each other and against a float64 oracle written from DESIGN.md.
+Tests check all three against each other and against a float64 oracle written from the equations.
 """
 
 from __future__ import annotations
