@@ -89,7 +89,10 @@ class CheckedStateDict:
         """Validate ``states[i]``, the loaded state of parameter i (in param-group order)."""
 
     def _store_loaded_value(self, param: torch.Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
-        """The value the optimizer keeps for a loaded (already validated) state entry."""
+        """The value the optimizer keeps for a loaded (already validated) state entry: ``step`` a
+        float64 CPU tensor (also from a plain number, as older or converted checkpoints hold)."""
+        if key == "step":
+            return torch.as_tensor(value).to(device="cpu", dtype=torch.float64, copy=True).reshape(())
         return copy.deepcopy(value)
 
     def _after_load(self) -> None:

@@ -112,6 +112,15 @@ def _check_betas(value: Any, owner: str) -> None:
         raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {value!r}")
 
 
+#: the units of lr: AdamW's (the default) or the paper's
+_LR_UNITS = ("adamw", "paper")
+
+
+def _check_lr_units(value: Any, owner: str) -> None:
+    if value not in _LR_UNITS:
+        raise ValueError(f"{owner}: lr_units must be one of {_LR_UNITS}, got {value!r}")
+
+
 def _check_batch_size(value: Any, owner: str) -> None:
     if value is None:
         raise TypeError(f"{owner} needs the keyword argument batch_size (B). {_BATCH_SIZE_HELP}")
@@ -498,12 +507,10 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                     self._check_tensor(index, param, key, state[key], param.shape)
 
     def _store_loaded_value(self, param: torch.Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
-        """``step`` becomes a float64 CPU tensor (also from a plain number); the other tensors keep
-        the state dtype (fp32 for bf16 parameters unless ``state_dtype`` says otherwise: torch
-        would cast them to the parameter's dtype) on the parameter's device."""
-        if key == "step":
-            return torch.as_tensor(value).to(device="cpu", dtype=torch.float64, copy=True).reshape(())
-        if torch.is_tensor(value):
+        """Tensors other than ``step`` keep the state dtype (fp32 for bf16 parameters unless
+        ``state_dtype`` says otherwise: torch would cast them to the parameter's dtype) on the
+        parameter's device."""
+        if torch.is_tensor(value) and key != "step":
             return value.to(device=param.device, dtype=self._state_dtype(param, group), copy=True)
         return super()._store_loaded_value(param, group, key, value)
 
@@ -601,11 +608,11 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                 prior = s0 * self._prior_weight(group, float(state["step"])) if s0 else 0.0
                 curvature = (s - prior).clamp_min(0.0)
                 curvature = (curvature.sqrt() if self._root else curvature) * k
-                rest = (s.sqrt() if self._root else s) * k + e - curvature
+                denom = (s.sqrt() if self._root else s) * k + e
                 total += s.numel()
-                adaptive += int((curvature > rest).sum())
+                adaptive += int((curvature > denom - curvature).sum())
                 s_sum += float(s.sum())
-                precond_sum += float(((s.sqrt() if self._root else s) * k + e).reciprocal().sum())
+                precond_sum += float(denom.reciprocal().sum())
         if total == 0:
             return {}
         return {
@@ -688,7 +695,6 @@ _ROOTFREE_ARGS_DOC = """
 
 #: the arguments that give the paper's exact update (s0 = 1 prior, fixed λ, the paper's lr)
 PAPER_MODE = {"s0": 1.0, "bias_correction": False, "relative_damping": 0.0, "lr_units": "paper"}
-_LR_UNITS = ("adamw", "paper")
 
 
 class _RootFreeOptimizer(_ElementwiseOptimizer):
@@ -713,8 +719,7 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
         owner = type(self).__name__
         _check_nonnegative("s0", group["s0"], owner)
         _check_nonnegative("relative_damping", group["relative_damping"], owner)
-        if group["lr_units"] not in _LR_UNITS:
-            raise ValueError(f"{owner}: lr_units must be one of {_LR_UNITS}, got {group['lr_units']!r}")
+        _check_lr_units(group["lr_units"], owner)
         bias_correction = group.get("bias_correction", False)
         if not isinstance(bias_correction, bool):
             raise TypeError(f"{owner}: bias_correction must be True or False, got {bias_correction!r}")

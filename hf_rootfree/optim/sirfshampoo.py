@@ -37,9 +37,9 @@ from torch.optim import Optimizer
 from ._checkpoint import CheckedStateDict
 from .elementwise import (
     _BATCH_SIZE_HELP,
-    _LR_UNITS,
     _check_batch_size,
     _check_lr,
+    _check_lr_units,
     _check_nonnegative,
     _check_range,
 )
@@ -414,8 +414,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
                 f"{group['large_dim_structure']!r}"
             )
-        if group.get("lr_units", "paper") not in _LR_UNITS:
-            raise ValueError(f"{_OWNER}: lr_units must be one of {_LR_UNITS}, got {group['lr_units']!r}")
+        _check_lr_units(group.get("lr_units", "paper"), _OWNER)
         for flag in ("merge_dims", "share_bias"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
@@ -610,11 +609,9 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
     def _store_loaded_value(self, param: Tensor, group: dict[str, Any], key: str, value: Any) -> Any:
         """Every tensor keeps the dtype it was saved in (torch would cast float32 factors of
-        bfloat16 parameters to bfloat16) and moves to the parameter's device; ``step`` is a
-        float64 CPU tensor, also when it was saved as a plain number."""
-        if key == "step":
-            return torch.as_tensor(value).to(device="cpu", dtype=torch.float64, copy=True).reshape(())
-        if torch.is_tensor(value):
+        bfloat16 parameters to bfloat16) and moves to the parameter's device (``step``: see the
+        base class)."""
+        if torch.is_tensor(value) and key != "step":
             return value.to(device=param.device, copy=True)
         return super()._store_loaded_value(param, group, key, value)
 
