@@ -341,27 +341,100 @@ def _shard_groups(tensor: torch.Tensor) -> list[Any]:
     return [mesh.get_group(dim) for dim, place in enumerate(tensor.placements) if place.is_shard()]
 
 
+#: AdamW's ε (``torch.optim.AdamW``'s default), in the step size that the root-free step is grafted
+#: onto: AdamW's step from the same moments is m̂/(sqrt(ŝ/B) + ε)
+ADAMW_EPS = 1e-8
+
+
+def _all_reduce_sharded(values: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor sums over the local shards of DTensors (FSDP2), all-reduced to whole-tensor sums;
+    the values of plain tensors are returned as they are."""
+    groups = [_shard_groups(t) for t in tensors]
+    sharded = [i for i, gs in enumerate(groups) if gs]
+    if not sharded:
+        return values
+    import torch.distributed as dist
+
+    values = list(values)
+    packed = torch.stack([values[i] for i in sharded])
+    for group in groups[sharded[0]]:
+        dist.all_reduce(packed, group=group)
+    for i, value in zip(sharded, packed.unbind()):
+        values[i] = value
+    return values
+
+
+def _graft_sums(
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    lam: torch.Tensor,
+    batch_size: float,
+    heavy_ball: bool,
+) -> torch.Tensor:
+    """Per tensor, ``[Σ (n/(k·s' + λ_l))², Σ (n/(sqrt(k·s'/B) + ε))²]`` over the local elements.
+
+    s' = a·s + c·g² is the second moment after this step and n the numerator of the step (the new
+    m, or g for the heavy ball), computed from the state before the step (nothing is written). On
+    CPU the compiled helper does it in one float64 read; elsewhere ``torch._foreach_*`` ops.
+    """
+    if all(g.device.type == "cpu" for g in grads) and _fused.fused_kernel_available():
+        table = torch.tensor(coeffs, dtype=torch.float64)
+        return torch.ops.hf_rootfree.graft_sums(
+            grads, bufs, seconds, table, lam, 1.0 / batch_size, ADAMW_EPS, heavy_ball
+        )
+    if len(coeffs) == 1:
+        coeffs = list(coeffs) * len(grads)
+    a, c, k, _, m_decay, m_gain = (list(col) for col in list(zip(*coeffs))[:6])
+    dtype = _compute_dtype(grads[0], seconds[0]) if grads else torch.float32
+    g, s = _upcast(grads, dtype), _upcast(seconds, dtype)
+    s_new = torch._foreach_mul(s, a)
+    torch._foreach_addcmul_(s_new, g, g, c)
+    if heavy_ball:
+        num = g
+    else:
+        num = torch._foreach_mul(_upcast(bufs, dtype), m_decay)
+        torch._foreach_add_(num, torch._foreach_mul(g, m_gain))
+    d = torch._foreach_mul(s_new, k)
+    torch._foreach_add_(d, list(lam.to(dtype).unbind()))
+    root_free = torch._foreach_norm(torch._foreach_div(num, d), 2, dtype=torch.float64)
+    adam = torch._foreach_sqrt(torch._foreach_mul(s_new, [v / batch_size for v in k]))
+    torch._foreach_add_(adam, ADAMW_EPS)
+    adamw = torch._foreach_norm(torch._foreach_div(num, adam), 2, dtype=torch.float64)
+    return torch.stack([torch.stack(root_free), torch.stack(adamw)], dim=1).square()
+
+
 def _adaptive_scales(
     grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
     coeffs: Sequence[Coefficients],
+    *,
     rho: float,
-    q: float,
+    gain: float,
     batch_size: float,
+    heavy_ball: bool,
 ) -> Scales:
     """Per-tensor (k, e) of the adaptive denominator ``d = k·s + e``, as float64 vectors.
 
     With ḡ = mean(|g|) the mean absolute gradient of the tensor at this step::
 
         λ_l = λ + ρ·B·ḡ²                          relative damping (ρ = ``relative_damping``)
-        d   = (k·s + λ_l) / (q·sqrt(λ_l))         lr in AdamW units (q = 2·sqrt(B)·gain), or
-        d   = k·s + λ_l                           when q = 0 (the paper's lr)
+        d   = k·s + λ_l                           when gain = 0 (the paper's lr), or
+        d   = (k·s + λ_l) / r                     lr in AdamW units (gain > 0), with
+        r   = gain·‖n/(sqrt(k·s/B) + ε)‖ / ‖n/(k·s + λ_l)‖
+
+    where n is the step's numerator (m, or g for the heavy ball) and s the new second moment:
+    each tensor's step has the norm of AdamW's step from the same moments (grafting) and the
+    root-free direction.
 
     B·ḡ² is the tensor's typical per-example curvature: unlike mean(B·g²) it is not dominated by
     the few largest entries (on a tiny BERT, damping at mean(B·g²) left the model at chance, at
-    B·ḡ² it trained like AdamW). It needs one read of the gradients, before the kernel runs, so
-    every path (reference, foreach, fused) gets the same numbers. For DTensors (FSDP2) the sums
-    are all-reduced over the shards, so λ_l is that of the whole tensor, as in one process.
-    Everything stays on the device (no host sync).
+    B·ḡ² it trained like AdamW). The sums read the gradients (and, for r, the state) before the
+    kernel runs, so every path (reference, foreach, fused) gets the same numbers. For DTensors
+    (FSDP2) the sums are all-reduced over the shards, so λ_l and r are those of the whole tensor,
+    as in one process. Everything stays on the device (no host sync).
     """
     numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
     local_g = _local_tensors(grads)
@@ -374,17 +447,7 @@ def _adaptive_scales(
         g_mean = list((sums / torch.tensor(numels, dtype=torch.float64)).unbind())
     else:
         g_mean = list(torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float64), numels))
-    groups = [_shard_groups(t) for t in grads]
-    sharded = [i for i, gs in enumerate(groups) if gs]
-    if sharded:  # FSDP2: the means of the whole tensors, summed over the shards
-        import torch.distributed as dist
-
-        packed = torch.stack([g_mean[i] for i in sharded])
-        for group in groups[sharded[0]]:
-            dist.all_reduce(packed, group=group)
-        for i, value in zip(sharded, packed.unbind()):
-            g_mean[i] = value
-    g_bar = torch.stack(g_mean).to(torch.float64)
+    g_bar = torch.stack(_all_reduce_sharded(g_mean, grads)).to(torch.float64)
     device = g_bar.device
     if len(coeffs) == 1:
         k, e = coeffs[0][2:4]
@@ -392,10 +455,15 @@ def _adaptive_scales(
         k, e = (torch.tensor(col, dtype=torch.float64).to(device) for col in list(zip(*coeffs))[2:4])
     lam = (e + rho * batch_size * g_bar * g_bar).clamp_min(_FLOAT32_TINY)
     k_vec = torch.full_like(lam, 1.0) * k
-    if q > 0:
-        scale = q * lam.sqrt()
-        return k_vec / scale, lam / scale
-    return k_vec, lam
+    if gain == 0:
+        return k_vec, lam
+    local_b, local_s = _local_tensors(bufs), _local_tensors(seconds)
+    sums = _graft_sums(local_g, local_b, local_s, coeffs, lam, batch_size, heavy_ball).to(device)
+    sums = torch.stack(_all_reduce_sharded(list(sums.unbind()), grads))
+    # both sums are 0 only for a zero numerator, where any finite r gives the same (zero) step
+    tiny = torch.finfo(torch.float64).tiny
+    r = gain * ((sums[:, 1] + tiny) / (sums[:, 0] + tiny)).sqrt()
+    return k_vec / r, lam / r
 
 
 def _local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -432,8 +500,8 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
     def _uses_buffer(self, group: dict[str, Any]) -> bool:
         return True
 
-    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
-        """``(ρ, q, B)`` of the data-dependent denominator (:func:`_adaptive_scales`), or None.
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
+        """``(ρ, gain)`` of the data-dependent denominator (:func:`_adaptive_scales`), or None.
 
         None keeps the fixed ``d = k·s + e`` of the coefficients (the paper's update).
         """
@@ -652,7 +720,19 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                 cache = {t: self._coefficients(hyper, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
             adaptive = self._adaptive(group)
-            scales = None if adaptive is None else _adaptive_scales(grads, coeffs, *adaptive)
+            scales = None
+            if adaptive is not None:
+                rho, gain = adaptive
+                scales = _adaptive_scales(
+                    grads,
+                    bufs,
+                    seconds,
+                    coeffs,
+                    rho=rho,
+                    gain=gain,
+                    batch_size=group["batch_size"],
+                    heavy_ball=self._heavy_ball,
+                )
             self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
@@ -689,9 +769,10 @@ _ROOTFREE_ARGS_DOC = """
         relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's typical curvature:
             λ_l = λ + ρ·B·ḡ², ḡ = mean(|g|) over the tensor at this step (default 0.3). 0 gives
             the paper's fixed λ.
-        lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the step of every tensor is
-            scaled by 2·sqrt(B·λ_l), so that its largest per-element step equals η, as AdamW's
-            does. ``"paper"``: η multiplies m/(ŝ + λ_l) as in the paper."""
+        lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the root-free step of
+            every tensor is rescaled to the norm of AdamW's step from the same moments,
+            ‖m̂/(sqrt(ŝ/B) + ε)‖ with ε = 1e-8 (grafting). ``"paper"``: η multiplies
+            m/(ŝ + λ_l) as in the paper."""
 
 #: the arguments that give the paper's exact update (s0 = 1 prior, fixed λ, the paper's lr)
 PAPER_MODE = {"s0": 1.0, "bias_correction": False, "relative_damping": 0.0, "lr_units": "paper"}
@@ -707,12 +788,16 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
     * λ_l = λ + ρ·B·ḡ² per tensor (ḡ = mean |g| over its elements at this step): the damping
       follows the tensor's own typical curvature, which on transformers spans 1e-10 … 1e-4 across
       layers, where one fixed λ fits none of them;
-    * the step of one element, η·g/(B·g² + λ_l), peaks at Δmax = η/(2·sqrt(B·λ_l)) at
-      B·g² = λ_l; multiplying it by 2·sqrt(B·λ_l) makes that peak η, AdamW's per-element step.
+    * grafting (Agarwal et al., 2020, as Shampoo implementations graft onto Adam): each tensor's
+      step keeps the root-free direction m̂/(ŝ + λ_l) and takes the norm of AdamW's step from the
+      same moments, ‖m̂/(sqrt(ŝ/B) + ε)‖ (ŝ/B is AdamW's v̂: s tracks B·g²). So η means per
+      tensor exactly what it means to AdamW, and no extra state is needed.
 
     The per-element preconditioner stays root-free, 1/(ŝ + λ_l): inside a tensor, the step of an
-    element falls as 1/g above the damping, where Adam's is constant. The only square root is of
-    one scalar per tensor.
+    element falls as 1/g above the damping, where Adam's is constant. The square roots are in the
+    one scalar per tensor that sets the step's size. An earlier rule (scaling by 2·sqrt(B·λ_l), so
+    that the per-element peak is η) gave steps well below AdamW's: on held-out text the models
+    lagged AdamW by 0.06 accuracy and 1.8× perplexity.
     """
 
     def _validate_rootfree(self, group: dict[str, Any]) -> None:
@@ -733,7 +818,7 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
             if group["lr_units"] == "adamw":
                 raise ValueError(
                     f"{owner}: lr_units='adamw' needs relative_damping > 0 or damping > 0 (both are 0): "
-                    "the AdamW-unit scale 2·sqrt(B·λ) would be 0"
+                    "the root-free direction m/(s + λ) is undefined wherever s is 0"
                 )
             if group["s0"] == 0:
                 raise ValueError(
@@ -741,12 +826,11 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
                     "wherever the gradient has been 0; set damping > 0 or relative_damping > 0"
                 )
 
-    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float, float] | None:
+    def _adaptive(self, group: dict[str, Any]) -> tuple[float, float] | None:
         adamw_units = group["lr_units"] == "adamw"
         if group["relative_damping"] == 0 and not adamw_units:
             return None
-        q = 2.0 * math.sqrt(group["batch_size"]) * self._step_gain(group) if adamw_units else 0.0
-        return group["relative_damping"], q, group["batch_size"]
+        return group["relative_damping"], self._step_gain(group) if adamw_units else 0.0
 
     #: checkpoints from before s0, relative damping and lr units resume with the paper's update
     _legacy_group_defaults = PAPER_MODE
@@ -776,10 +860,13 @@ class RootFreeAdamW(_RootFreeOptimizer):
         s ← β2·s + (1 − β2)·B·g²                 s0 = 0  (state "s")
         m̂ = m/(1 − β1^t),  ŝ = s/(1 − β2^t)       bias correction (``bias_correction``)
         λ_l = λ + ρ·B·ḡ²,  ḡ = mean(|g|)           per tensor, over its elements
-        µ ← µ − η·2·sqrt(B·λ_l)·m̂ / (ŝ + λ_l)
+        u = m̂ / (ŝ + λ_l)                         the root-free direction
+        r = ‖m̂ / (sqrt(ŝ/B) + ε)‖ / ‖u‖            per tensor; ε = 1e-8 (``ADAMW_EPS``)
+        µ ← µ − η·r·u
 
-    A tensor's step peaks at η for elements with B·g² ≈ λ_l and falls as 1/g above it: an AdamW
-    learning rate and weight decay carry over unchanged. The paper's update is
+    Each tensor's step has the root-free direction and the norm of AdamW's step from the same
+    moments (ŝ/B is AdamW's v̂), so an AdamW learning rate and weight decay carry over
+    unchanged. The paper's update is
     ``s0=1.0, bias_correction=False, relative_damping=0.0, lr_units="paper"``
     (``hf_rootfree.optim.elementwise.PAPER_MODE``) with the paper's λ (e.g. ``damping=1e-4``)::
 
@@ -882,12 +969,14 @@ class RootFreeRMSprop(_RootFreeOptimizer):
     (ḡ = mean(|g|) over the tensor at this step)::
 
         s ← α·s + (1 − α)·B·g²                   s0 = 0  (state "s")
-        u ← (1 − ϱ)·2·sqrt(B·λ_l)·g / (ŝ + λ_l)  peak per-element |u| = (1 − ϱ)·|sign g|
-        b ← ϱ·b + u                              b0 = 0 (state "momentum_buffer"); b = u if ϱ = 0
+        u ← g / (ŝ + λ_l)                        the root-free direction
+        r = (1 − ϱ)·‖g / (sqrt(ŝ/B) + ε)‖ / ‖u‖   per tensor; ε = 1e-8
+        b ← ϱ·b + r·u                            b0 = 0 (state "momentum_buffer"); b = r·u if ϱ = 0
         µ ← µ·(1 − η·γ) − η·b                    decoupled weight decay, as AdamW
 
-    so that the steady-state step of a constant gradient peaks at η, as AdamW's (the heavy ball
-    sums u/(1 − ϱ)). The paper's update is ``s0=1.0, bias_correction=False,
+    Each tensor's preconditioned gradient has the norm of RMSprop's, g/(sqrt(ŝ/B) + ε), times
+    (1 − ϱ), so that the heavy ball (which sums its inputs /(1 − ϱ)) moves as far as AdamW does
+    at the same η. The paper's update is ``s0=1.0, bias_correction=False,
     relative_damping=0.0, lr_units="paper"`` with the paper's λ (e.g. ``damping=1e-4``)::
 
         s ← α·s + (1 − α)·B·g²  (s0 = 1);   u ← g / (s + λ) + γ·µ;   b ← ϱ·b + u;   µ ← µ − η·b
@@ -1094,7 +1183,8 @@ class RootFreeAdaX(_RootFreeOptimizer):
         m ← β1·m + (1 − β1)·g                      (state "exp_avg")
         s ← β̂_t·s + (1 − β̂_t)·B·g²                 (state "s")
         λ_l = λ + ρ·B·ḡ²,  ḡ = mean(|g|)             per tensor
-        µ ← µ·(1 − η·γ) − η·2·sqrt(B·λ_l)·m / (s + λ_l)
+        u = m / (s + λ_l),  r = ‖m / (sqrt(s/B) + ε)‖ / ‖u‖     per tensor; ε = 1e-8
+        µ ← µ·(1 − η·γ) − η·r·u                    the norm of AdaX's step, the root-free direction
 
     ``lr_units="paper", relative_damping=0.0`` gives the plain root-free update
     ``µ ← µ·(1 − η·γ) − η·m / (s + λ)``; ``s0=1.0, prior_steps=1.0`` its earlier prior (the prior
