@@ -43,7 +43,7 @@ from .elementwise import (
     _check_nonnegative,
     _check_range,
 )
-from .structures import STRUCTURES, Structure, _times, make_structure
+from .structures import LARGE_DIM_STRUCTURES, STRUCTURES, Dense, Structure, _times, make_structure
 
 __all__ = ["SIRFShampoo"]
 
@@ -147,9 +147,9 @@ def _normalize_structures(value: Any) -> str | tuple[str, ...] | dict[int, str |
 def _structures_for(spec: Any, n_factors: int) -> tuple[str, ...]:
     """Per-axis structure names for a tensor with ``n_factors`` factors (unlisted counts: dense)."""
     if isinstance(spec, dict):
-        spec = spec.get(n_factors, "dense")
+        spec = spec.get(n_factors, Dense.name)
     elif isinstance(spec, tuple) and len(spec) != n_factors:
-        spec = "dense"
+        spec = Dense.name
     if isinstance(spec, str):
         return (spec,) * n_factors
     return tuple(spec)
@@ -220,6 +220,26 @@ class _Block:
         if self.transposed:
             weight = weight.mT
         return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1)], dim=1)
+
+    def caches_kkt(self, axis: int, update_freq: int) -> bool:
+        """Whether axis ``axis`` keeps K Kᵀ between factor updates (its structure decides)."""
+        return self.structures[axis].caches_kkt(math.prod(self.dims) // self.dims[axis], update_freq)
+
+    def factor_update_cost(self) -> float:
+        """Rough flops of one factor update: each axis's own (d³ dense) plus the products with
+        the gradient, which cost what preconditioning it does."""
+        cubic = 0.0
+        for struct in self.structures:
+            cubic += struct.factor_update_cost()
+        return cubic + self.precondition_cost()
+
+    def precondition_cost(self) -> float:
+        """Rough flops of preconditioning the gradient: numel·d per dense axis."""
+        numel = math.prod(self.dims)
+        cost = 0.0
+        for struct in self.structures:
+            cost += struct.apply_cost(numel)
+        return cost
 
     def split(self, update: Tensor) -> list[Tensor]:
         if len(self.params) == 1:
@@ -409,10 +429,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 f"{_OWNER}: hierarchical_sizes must be a pair of positive integers, got {sizes!r}"
             )
         group["hierarchical_sizes"] = tuple(sizes)
-        if group["large_dim_structure"] not in ("diagonal", "block_diagonal"):
+        if group["large_dim_structure"] not in LARGE_DIM_STRUCTURES:
             raise ValueError(
-                f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
-                f"{group['large_dim_structure']!r}"
+                f"{_OWNER}: large_dim_structure must be {' or '.join(map(repr, LARGE_DIM_STRUCTURES))}, "
+                f"got {group['large_dim_structure']!r}"
             )
         _check_lr_units(group.get("lr_units", "paper"), _OWNER)
         for flag in ("merge_dims", "share_bias"):
@@ -514,17 +534,17 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             dims = (owner.shape[0], owner[0].numel() + 1)
         else:
             dims = preconditioned_shape(owner.shape, group["merge_dims"], group["max_dense_dim"])
-        names = _structures_for(group["structures"], len(dims))
-        limit = group["max_dense_dim"]
-        structures = []
-        for d, struct in zip(dims, names):
-            if limit is not None and d > limit and struct not in ("diagonal", group["large_dim_structure"]):
-                struct = group["large_dim_structure"]
-            structures.append(
-                make_structure(
-                    struct, d, block_size=group["block_size"], hierarchical_sizes=group["hierarchical_sizes"]
-                )
+        structures = [
+            make_structure(
+                name,
+                d,
+                block_size=group["block_size"],
+                hierarchical_sizes=group["hierarchical_sizes"],
+                max_dense_dim=group["max_dense_dim"],
+                large_dim_structure=group["large_dim_structure"],
             )
+            for d, name in zip(dims, _structures_for(group["structures"], len(dims)))
+        ]
         if group["precond_dtype"] is not None:
             dtype = group["precond_dtype"]
         else:
@@ -546,7 +566,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if block.dtype in (torch.bfloat16, torch.float16):
                 # what rounding K to 8 (or 11) bits dropped: small late updates would be lost
                 state[f"factor_residual_{n}"] = struct.zeros(1, block.dtype, device)[0]
-            if _cache_kkt(struct, block.dims, n, group["update_freq"]):
+            if block.caches_kkt(n, group["update_freq"]):
                 state[f"precond_{n}"] = struct.kkt(state[f"factor_{n}"].unsqueeze(0))[0].contiguous()
         state["precond_scale"] = torch.ones((), dtype=_scalar_dtype(block.dtype), device=device)
         state["skipped_factor_updates"] = torch.zeros((), dtype=torch.int64, device=device)
@@ -578,7 +598,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 expected[f"factor_momentum_{n}"] = shape
             if block.dtype in (torch.bfloat16, torch.float16):
                 expected[f"factor_residual_{n}"] = shape
-            if _cache_kkt(struct, block.dims, n, group["update_freq"]):
+            if block.caches_kkt(n, group["update_freq"]):
                 expected[f"precond_{n}"] = tuple(struct.kkt(struct.zeros(1, torch.float32, meta))[0].shape)
         expected["precond_scale"] = ()
         expected["skipped_factor_updates"] = ()
@@ -686,7 +706,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         is_due = {id(b) for b in due}
 
         def cost(block: _Block) -> float:
-            return _precondition_cost(block) + (_block_cost(block) if id(block) in is_due else 0.0)
+            return block.precondition_cost() + (block.factor_update_cost() if id(block) in is_due else 0.0)
 
         share = _share(work, self.defaults["distributed"], cost)
         mine = work if share is None else [b for b, owner in zip(work, share) if owner == dist.get_rank()]
@@ -992,7 +1012,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     factor = state[f"factor_{a}"].double().unsqueeze(0)
                     value *= float(struct.frobenius_norm(factor)[0] ** 2 / struct.dim)
                 else:
-                    value *= float(_kkt_average_trace(struct, cached.double()))
+                    value *= float(struct.kkt_average_trace(cached.double().unsqueeze(0))[0])
             traces.append(value)
         if stuck and not self.__dict__.get("_warned_skips"):
             self._warned_skips = True
@@ -1022,27 +1042,6 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _cache_kkt(struct: Structure, dims: tuple[int, ...], axis: int, update_freq: int) -> bool:
-    """Keep K Kᵀ between factor updates when that is cheaper than applying K twice per step.
-
-    Diagonal and block-diagonal K Kᵀ cost as much as K itself. A dense d × d cache costs one d³
-    product per factor update and saves d²·r per step (r: the tensor's size over d), so it pays
-    when d³/T < d²·r, i.e. d < T·r: not for the vocabulary axis of an embedding updated often.
-    """
-    if struct.name in ("diagonal", "block_diagonal"):
-        return True
-    rest = math.prod(dims) // dims[axis]
-    return dims[axis] < update_freq * rest
-
-
-def _kkt_average_trace(struct: Structure, q: Tensor) -> Tensor:
-    if q.dim() == 1:  # diagonal K Kᵀ
-        return q.mean()
-    if q.dim() == 3:  # block diagonal
-        return q.diagonal(dim1=-2, dim2=-1).sum() / struct.dim
-    return q.diagonal().sum() / struct.dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1088,34 +1087,8 @@ def _local_part(update: Tensor, param: Tensor) -> Tensor:
     return whole.redistribute(mesh, param.placements).to_local()
 
 
-def _block_cost(block: _Block) -> float:
-    """Rough flops of one factor update: O(d³) per dense-like axis (d·b² blocked, 0 diagonal)
-    plus the products with the gradient, which cost what preconditioning it does."""
-    cubic = 0.0
-    for d, struct in zip(block.dims, block.structures):
-        if struct.name == "block_diagonal":
-            cubic += d * struct.block**2
-        elif struct.name != "diagonal":
-            cubic += d**3
-    return cubic + _precondition_cost(block)
-
-
-def _precondition_cost(block: _Block) -> float:
-    """Rough flops of preconditioning one block's gradient: numel·d per dense-like axis."""
-    numel = math.prod(block.dims)
-    cost = 0.0
-    for d, struct in zip(block.dims, block.structures):
-        if struct.name == "diagonal":
-            cost += numel
-        elif struct.name == "block_diagonal":
-            cost += numel * struct.block
-        else:
-            cost += numel * d
-    return cost
-
-
 def _share(
-    blocks: list[_Block], flag: bool | None, cost: Callable[[_Block], float] = _block_cost
+    blocks: list[_Block], flag: bool | None, cost: Callable[[_Block], float] = _Block.factor_update_cost
 ) -> list[int] | None:
     """The rank that does each block's work (largest ``cost`` first onto the least loaded rank),
     or None when the work is not split."""
