@@ -313,8 +313,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         structures: structure of the factors: a name (all factors), a tuple of names (per axis,
             for tensors with that many factors), or a dict ``{number of factors: name or tuple}``,
             e.g. ``{2: ("dense", "diagonal")}``; tensors not covered get ``"dense"``. Names:
-            ``dense``, ``diagonal``, ``block_diagonal``, ``hierarchical``, ``tril_toeplitz``,
-            ``triu_toeplitz`` (see :mod:`hf_rootfree.optim.structures`).
+            {structure_names} (see :mod:`hf_rootfree.optim.structures`).
         precond_dtype: dtype of the factors, momenta and cached K Kᵀ (e.g. ``torch.bfloat16``).
             ``None``: float32 for float32/bfloat16/float16 parameters, float64 for float64 ones.
         max_dense_dim: an axis longer than this gets a ``large_dim_structure`` factor instead of a
@@ -323,7 +322,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             while ≤ ``max_dense_dim``); conv kernels become (out, in·kh·kw).
         block_size: block size of ``block_diagonal`` factors.
         hierarchical_sizes: (k1, k2) of ``hierarchical`` factors.
-        large_dim_structure: ``"diagonal"`` or ``"block_diagonal"``, for axes over
+        large_dim_structure: {large_dim_names}, for axes over
             ``max_dense_dim``.
         model: optional ``nn.Module`` the parameters belong to. It names layers in
             :meth:`diagnostics` and, with ``share_bias``, lets a layer's weight and bias share one
@@ -1150,4 +1149,9 @@ def _bcast(scale: Tensor, x: Tensor) -> Tensor:
 _BATCH_NUMEL = 1 << 16
 
 
-SIRFShampoo.__doc__ = SIRFShampoo.__doc__.replace("{batch_help}", _BATCH_SIZE_HELP)
+# one list of structure names: the registry's
+SIRFShampoo.__doc__ = (
+    SIRFShampoo.__doc__.replace("{batch_help}", _BATCH_SIZE_HELP)
+    .replace("{structure_names}", ", ".join(f"``{name}``" for name in STRUCTURES))
+    .replace("{large_dim_names}", " or ".join(f'``"{name}"``' for name in LARGE_DIM_STRUCTURES))
+)
