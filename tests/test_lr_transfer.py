@@ -132,7 +132,9 @@ def test_each_tensors_step_has_the_norm_of_adamws_step_from_the_same_moments(pat
     for _ in range(20):
         before = [p.detach().clone() for p in ours]
         for p, q in zip(ours, theirs):
-            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * torch.rand(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * torch.rand(
+                p.shape, generator=gen
+            )
             q.grad = p.grad.clone()
         rootfree.step()
         adamw.step()

@@ -108,3 +108,32 @@ def broadcast_in_place(tensors: list[Tensor], src: int) -> None:
     if dist.get_rank() != src:
         for view, chunk in zip(flat, buffer.split(sizes)):
             view.copy_(chunk)
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors (views: in-place updates reach the DTensor); others as is."""
+    return [local(t) for t in tensors]
+
+
+def shard_groups(tensor: Tensor) -> list[dist.ProcessGroup]:
+    """The process groups over which a DTensor is sharded (none for a plain tensor)."""
+    if not isinstance(tensor, DTensor):
+        return []
+    mesh = tensor.device_mesh
+    return [mesh.get_group(dim) for dim, place in enumerate(tensor.placements) if place.is_shard()]
+
+
+def all_reduce_sharded(values: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor sums over the local shards of DTensors (FSDP2), all-reduced to whole-tensor sums;
+    the values of plain tensors are returned as they are."""
+    groups = [shard_groups(t) for t in tensors]
+    sharded = [i for i, gs in enumerate(groups) if gs]
+    if not sharded:
+        return values
+    values = list(values)
+    packed = torch.stack([values[i] for i in sharded])
+    for group in groups[sharded[0]]:
+        dist.all_reduce(packed, group=group)
+    for i, value in zip(sharded, packed.unbind()):
+        values[i] = value
+    return values

@@ -32,11 +32,22 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import Optimizer
 
-from . import _fused
+from . import _distributed, _fused
 from ._checkpoint import CheckedStateDict
+from ._common import (
+    check_batch_size,
+    check_betas,
+    check_grad,
+    check_lr,
+    check_lr_units,
+    check_nonnegative,
+    check_param,
+    check_range,
+    check_state_dtype,
+    lr,
+)
 
 __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
 
@@ -44,98 +55,6 @@ _FLOAT32_TINY = torch.finfo(torch.float32).tiny
 Coefficients = tuple[float, float, float, float, float, float, float, float, float]
 #: per-tensor, data-dependent (k, e) of the adaptive damping: two float64 vectors, one entry per tensor
 Scales = tuple[torch.Tensor, torch.Tensor]
-
-_BATCH_SIZE_HELP = (
-    "B is the number of examples the loss is averaged over in one optimizer step (the global batch: "
-    "per-device batch × gradient accumulation steps × number of processes). The root-free "
-    "preconditioner tracks B·g², the per-example curvature, which is what makes lr and damping "
-    "transfer across batch sizes (Lin et al., 2024). The Hugging Face Trainer integration fills it "
-    "in for you."
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: errors name the argument, its value and what is allowed.
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_real(name: str, value: Any, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _check_range(
-    name: str, value: Any, owner: str, low: float, high: float, *, low_open=False, high_open=True
-) -> None:
-    v = _check_real(name, value, owner)
-    too_low = v <= low if low_open else v < low
-    too_high = v >= high if high_open else v > high
-    if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}: {name} must be in {interval}, got {value!r}")
-
-
-def _check_nonnegative(name: str, value: Any, owner: str) -> None:
-    _check_range(name, value, owner, 0.0, math.inf)
-
-
-def _check_lr(value: Any, owner: str) -> None:
-    """lr: a real number ≥ 0, or (as in torch.optim) a 1-element tensor; ours must be on the CPU,
-    where reading it at each step costs no device synchronization."""
-    if torch.is_tensor(value):
-        if value.numel() != 1:
-            shape = tuple(value.shape)
-            raise ValueError(f"{owner}: Tensor lr must be 1-element, got a tensor of shape {shape}")
-        if value.device.type != "cpu":
-            raise ValueError(
-                f"{owner}: lr as a Tensor on {value.device} is not supported (reading it at every step "
-                "would synchronize with the device); use a float or a CPU tensor"
-            )
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{owner}: lr must be a real number, got a {value.dtype} tensor")
-        value = float(value)
-    _check_nonnegative("lr", value, owner)
-
-
-def _lr(group: dict[str, Any]) -> dict[str, Any]:
-    """The group with a tensor lr read as a float (a CPU tensor: no device sync)."""
-    if torch.is_tensor(group["lr"]):
-        return {**group, "lr": float(group["lr"])}
-    return group
-
-
-def _check_betas(value: Any, owner: str) -> None:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {value!r}")
-
-
-#: the units of lr: AdamW's (the default) or the paper's
-_LR_UNITS = ("adamw", "paper")
-
-
-def _check_lr_units(value: Any, owner: str) -> None:
-    if value not in _LR_UNITS:
-        raise ValueError(f"{owner}: lr_units must be one of {_LR_UNITS}, got {value!r}")
-
-
-def _check_batch_size(value: Any, owner: str) -> None:
-    if value is None:
-        raise TypeError(f"{owner} needs the keyword argument batch_size (B). {_BATCH_SIZE_HELP}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: batch_size must be a positive number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}: batch_size must be a positive number, got {value!r}")
-
-
-def _check_state_dtype(value: Any, owner: str) -> None:
-    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise TypeError(
-            f"{owner}: state_dtype must be None or a floating torch.dtype (torch.float32, "
-            f"torch.bfloat16, torch.float16, torch.float64), got {value!r}"
-        )
 
 
 def _check_impl_flags(group: dict[str, Any], owner: str) -> None:
@@ -333,35 +252,9 @@ _PATHS: dict[str, Callable[..., None]] = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_groups(tensor: torch.Tensor) -> list[Any]:
-    """The process groups over which a DTensor is sharded (none for a plain tensor)."""
-    if not isinstance(tensor, DTensor):
-        return []
-    mesh = tensor.device_mesh
-    return [mesh.get_group(dim) for dim, place in enumerate(tensor.placements) if place.is_shard()]
-
-
 #: AdamW's ε (``torch.optim.AdamW``'s default), in the step size that the root-free step is grafted
 #: onto: AdamW's step from the same moments is m̂/(sqrt(ŝ/B) + ε)
 ADAMW_EPS = 1e-8
-
-
-def _all_reduce_sharded(values: list[torch.Tensor], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor sums over the local shards of DTensors (FSDP2), all-reduced to whole-tensor sums;
-    the values of plain tensors are returned as they are."""
-    groups = [_shard_groups(t) for t in tensors]
-    sharded = [i for i, gs in enumerate(groups) if gs]
-    if not sharded:
-        return values
-    import torch.distributed as dist
-
-    values = list(values)
-    packed = torch.stack([values[i] for i in sharded])
-    for group in groups[sharded[0]]:
-        dist.all_reduce(packed, group=group)
-    for i, value in zip(sharded, packed.unbind()):
-        values[i] = value
-    return values
 
 
 def _graft_sums(
@@ -437,7 +330,7 @@ def _adaptive_scales(
     as in one process. Everything stays on the device (no host sync).
     """
     numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
-    local_g = _local_tensors(grads)
+    local_g = _distributed.local_tensors(grads)
     # NOTE: summed in float64, so that a sum over FSDP2 shards equals the one-process sum to
     # ~1e-16 rather than float32's ~1e-7 (which the step then carries). On CPU the compiled
     # helper does it in one read (torch's float64 norm costs ~2× the whole fused step); every
@@ -447,7 +340,7 @@ def _adaptive_scales(
         g_mean = list((sums / torch.tensor(numels, dtype=torch.float64)).unbind())
     else:
         g_mean = list(torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float64), numels))
-    g_bar = torch.stack(_all_reduce_sharded(g_mean, grads)).to(torch.float64)
+    g_bar = torch.stack(_distributed.all_reduce_sharded(g_mean, grads)).to(torch.float64)
     device = g_bar.device
     if len(coeffs) == 1:
         k, e = coeffs[0][2:4]
@@ -457,18 +350,13 @@ def _adaptive_scales(
     k_vec = torch.full_like(lam, 1.0) * k
     if gain == 0:
         return k_vec, lam
-    local_b, local_s = _local_tensors(bufs), _local_tensors(seconds)
+    local_b, local_s = _distributed.local_tensors(bufs), _distributed.local_tensors(seconds)
     sums = _graft_sums(local_g, local_b, local_s, coeffs, lam, batch_size, heavy_ball).to(device)
-    sums = torch.stack(_all_reduce_sharded(list(sums.unbind()), grads))
+    sums = torch.stack(_distributed.all_reduce_sharded(list(sums.unbind()), grads))
     # both sums are 0 only for a zero numerator, where any finite r gives the same (zero) step
     tiny = torch.finfo(torch.float64).tiny
     r = gain * ((sums[:, 1] + tiny) / (sums[:, 0] + tiny)).sqrt()
     return k_vec / r, lam / r
-
-
-def _local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The local shards of DTensors (views: in-place updates reach the DTensor); others as is."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
@@ -510,9 +398,9 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
     # -- validation ---------------------------------------------------------------------------
     def _validate(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_lr(group["lr"], owner)
-        _check_nonnegative("weight_decay", group["weight_decay"], owner)
-        _check_state_dtype(group["state_dtype"], owner)
+        check_lr(group["lr"], owner)
+        check_nonnegative("weight_decay", group["weight_decay"], owner)
+        check_state_dtype(group["state_dtype"], owner)
         _check_impl_flags(group, owner)
         self._validate_hyperparameters(group)
 
@@ -527,13 +415,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
         for p in group["params"]:
-            if p.is_complex():
-                raise TypeError(
-                    f"{owner} does not support complex parameters (got one of dtype {p.dtype} and "
-                    f"shape {tuple(p.shape)}); optimize torch.view_as_real(p) instead"
-                )
-            if not p.is_floating_point():
-                raise TypeError(f"{owner} optimizes floating-point parameters, got dtype {p.dtype}")
+            check_param(p, owner)
         self._validate(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -590,16 +472,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(
-                    f"{owner} does not support sparse gradients (parameter of shape "
-                    f"{tuple(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
-                )
-            if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                raise RuntimeError(
-                    f"{owner}: a gradient of dtype {p.grad.dtype} and shape {tuple(p.grad.shape)} does "
-                    f"not match its parameter ({p.dtype}, {tuple(p.shape)})"
-                )
+            check_grad(p, owner)
             state = self.state[p]
             dtype = self._state_dtype(p, group)
             if len(state) == 0:
@@ -671,7 +544,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                 _, _, k, e = coeffs[i if len(coeffs) > 1 else 0][:4]
                 if scales is not None:
                     k, e = float(scales[0][i]), float(scales[1][i])
-                s = _local_tensors([s])[0].double()
+                s = _distributed.local_tensors([s])[0].double()
                 s0 = float(group.get("s0", 0.0))
                 prior = s0 * self._prior_weight(group, float(state["step"])) if s0 else 0.0
                 curvature = (s - prior).clamp_min(0.0)
@@ -713,7 +586,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             torch._foreach_add_(steps, 1.0)  # steps live on the CPU: no device sync
             values = torch.stack(steps).tolist()
             distinct = set(values)
-            hyper = _lr(group)
+            hyper = lr(group)
             if len(distinct) == 1:
                 coeffs = [self._coefficients(hyper, values[0])]
             else:
@@ -736,7 +609,9 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
-            params, grads, bufs, seconds = (_local_tensors(ts) for ts in (params, grads, bufs, seconds))
+            params, grads, bufs, seconds = (
+                _distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds)
+            )
             _PATHS[self._path(group, params)](
                 params,
                 grads,
@@ -802,9 +677,9 @@ class _RootFreeOptimizer(_ElementwiseOptimizer):
 
     def _validate_rootfree(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_nonnegative("s0", group["s0"], owner)
-        _check_nonnegative("relative_damping", group["relative_damping"], owner)
-        _check_lr_units(group["lr_units"], owner)
+        check_nonnegative("s0", group["s0"], owner)
+        check_nonnegative("relative_damping", group["relative_damping"], owner)
+        check_lr_units(group["lr_units"], owner)
         bias_correction = group.get("bias_correction", False)
         if not isinstance(bias_correction, bool):
             raise TypeError(f"{owner}: bias_correction must be True or False, got {bias_correction!r}")
@@ -935,11 +810,11 @@ class RootFreeAdamW(_RootFreeOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_betas(group["betas"], owner)
-        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
-        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0)
-        _check_nonnegative("damping", group["damping"], owner)
-        _check_batch_size(group["batch_size"], owner)
+        check_betas(group["betas"], owner)
+        check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0)
+        check_nonnegative("damping", group["damping"], owner)
+        check_batch_size(group["batch_size"], owner)
         self._validate_rootfree(group)
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
@@ -1050,10 +925,10 @@ class RootFreeRMSprop(_RootFreeOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_range("alpha", group["alpha"], owner, 0.0, 1.0)
-        _check_nonnegative("damping", group["damping"], owner)
-        _check_range("momentum", group["momentum"], owner, 0.0, 1.0)
-        _check_batch_size(group["batch_size"], owner)
+        check_range("alpha", group["alpha"], owner, 0.0, 1.0)
+        check_nonnegative("damping", group["damping"], owner)
+        check_range("momentum", group["momentum"], owner, 0.0, 1.0)
+        check_batch_size(group["batch_size"], owner)
         self._validate_rootfree(group)
 
     def _uses_buffer(self, group: dict[str, Any]) -> bool:
@@ -1144,10 +1019,10 @@ class AdaX(_ElementwiseOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_betas(group["betas"], owner)
-        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
-        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
-        _check_nonnegative("eps", group["eps"], owner)
+        check_betas(group["betas"], owner)
+        check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
+        check_nonnegative("eps", group["eps"], owner)
 
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
@@ -1253,12 +1128,12 @@ class RootFreeAdaX(_RootFreeOptimizer):
 
     def _validate_hyperparameters(self, group: dict[str, Any]) -> None:
         owner = type(self).__name__
-        _check_betas(group["betas"], owner)
-        _check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
-        _check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
-        _check_nonnegative("damping", group["damping"], owner)
-        _check_nonnegative("prior_steps", group["prior_steps"], owner)
-        _check_batch_size(group["batch_size"], owner)
+        check_betas(group["betas"], owner)
+        check_range("betas[0]", group["betas"][0], owner, 0.0, 1.0)
+        check_range("betas[1]", group["betas"][1], owner, 0.0, 1.0, low_open=True)
+        check_nonnegative("damping", group["damping"], owner)
+        check_nonnegative("prior_steps", group["prior_steps"], owner)
+        check_batch_size(group["batch_size"], owner)
         self._validate_rootfree(group)
 
     def _prior_weight(self, group: dict[str, Any], step: float) -> float:

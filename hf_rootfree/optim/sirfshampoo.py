@@ -35,13 +35,16 @@ from torch.optim import Optimizer
 
 from . import _distributed
 from ._checkpoint import CheckedStateDict
-from .elementwise import (
-    _BATCH_SIZE_HELP,
-    _check_batch_size,
-    _check_lr,
-    _check_lr_units,
-    _check_nonnegative,
-    _check_range,
+from ._common import (
+    BATCH_SIZE_HELP,
+    check_batch_size,
+    check_grad,
+    check_lr,
+    check_lr_units,
+    check_nonnegative,
+    check_param,
+    check_positive_int,
+    check_range,
 )
 from .structures import LARGE_DIM_STRUCTURES, STRUCTURES, Dense, Structure, _times, make_structure
 
@@ -94,14 +97,6 @@ def _precond_dtype(value: Any) -> torch.dtype | None:
             f"torch.float16, torch.float64 (or their names), got {value!r}"
         )
     return _DTYPES[name]
-
-
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or a positive integer" if allow_none else "a positive integer"
-        raise ValueError(f"{_OWNER}: {name} must be {allowed}, got {value!r}")
 
 
 def _normalize_structures(value: Any) -> str | tuple[str, ...] | dict[int, str | tuple[str, ...]]:
@@ -415,16 +410,16 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
     # -- validation ---------------------------------------------------------------------------------
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
-        _check_lr(group["lr"], _OWNER)
-        _check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
-        _check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
-        _check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
-        _check_range("precond_momentum", group["precond_momentum"], _OWNER, 0.0, 1.0)
-        _check_nonnegative("damping", group["damping"], _OWNER)
-        _check_batch_size(group["batch_size"], _OWNER)
-        _check_positive_int("update_freq", group["update_freq"])
-        _check_positive_int("max_dense_dim", group["max_dense_dim"], allow_none=True)
-        _check_positive_int("block_size", group["block_size"])
+        check_lr(group["lr"], _OWNER)
+        check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
+        check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
+        check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
+        check_range("precond_momentum", group["precond_momentum"], _OWNER, 0.0, 1.0)
+        check_nonnegative("damping", group["damping"], _OWNER)
+        check_batch_size(group["batch_size"], _OWNER)
+        check_positive_int("update_freq", group["update_freq"], _OWNER)
+        check_positive_int("max_dense_dim", group["max_dense_dim"], _OWNER, allow_none=True)
+        check_positive_int("block_size", group["block_size"], _OWNER)
         sizes = group["hierarchical_sizes"]
         if not (
             isinstance(sizes, (tuple, list))
@@ -440,7 +435,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 f"{_OWNER}: large_dim_structure must be {' or '.join(map(repr, LARGE_DIM_STRUCTURES))}, "
                 f"got {group['large_dim_structure']!r}"
             )
-        _check_lr_units(group.get("lr_units", "paper"), _OWNER)
+        check_lr_units(group.get("lr_units", "paper"), _OWNER)
         for flag in ("merge_dims", "share_bias"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
@@ -456,13 +451,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         group = self.param_groups[-1]
         try:
             for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(
-                        f"{_OWNER} does not support complex parameters (got one of dtype {p.dtype} and "
-                        f"shape {tuple(p.shape)}); optimize torch.view_as_real(p) instead"
-                    )
-                if not p.is_floating_point():
-                    raise TypeError(f"{_OWNER} optimizes floating-point parameters, got dtype {p.dtype}")
+                check_param(p, _OWNER)
             self._normalize_group(group)
             if self._blocks_cache is not None:
                 self._blocks_cache = None
@@ -697,7 +686,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if not present:
                 continue
             for p in present:
-                self._check_grad(p)
+                check_grad(p, _OWNER)
             active.append(block)
         due: list[_Block] = []
         for block in active:
@@ -779,19 +768,6 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             dtype = {p: torch.promote_types(b.dtype, _scalar_dtype(b.dtype)) for b in owned for p in b.params}
             full.update({p: torch.empty(p.shape, dtype=dtype[p], device=p.device) for p in params})
         _distributed.broadcast_in_place([*tensors, *(full[p] for p in params)], src)
-
-    def _check_grad(self, p: Tensor) -> None:
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(
-                f"{_OWNER} does not support sparse gradients (parameter of shape {tuple(p.shape)}); use "
-                "dense gradients, e.g. nn.Embedding(sparse=False)"
-            )
-        if grad.dtype != p.dtype or grad.shape != p.shape:
-            raise RuntimeError(
-                f"{_OWNER}: a gradient of dtype {grad.dtype} and shape {tuple(grad.shape)} does not match "
-                f"its parameter ({p.dtype}, {tuple(p.shape)})"
-            )
 
     def _count_step(self, param: Tensor) -> Tensor:
         """Count a step on the host mirror; returns the ``step`` tensor (created at 0) to advance."""
@@ -1151,7 +1127,7 @@ _BATCH_NUMEL = 1 << 16
 
 # one list of structure names: the registry's
 SIRFShampoo.__doc__ = (
-    SIRFShampoo.__doc__.replace("{batch_help}", _BATCH_SIZE_HELP)
+    SIRFShampoo.__doc__.replace("{batch_help}", BATCH_SIZE_HELP)
     .replace("{structure_names}", ", ".join(f"``{name}``" for name in STRUCTURES))
     .replace("{large_dim_names}", " or ".join(f'``"{name}"``' for name in LARGE_DIM_STRUCTURES))
 )

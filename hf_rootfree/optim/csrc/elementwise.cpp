@@ -309,8 +309,12 @@ at::Tensor graft_sums(at::TensorList grads, at::TensorList bufs, at::TensorList 
     // Read for g.numel() elements: shapes, dtypes and layout checked before memory is touched.
     TORCH_CHECK(g.device().is_cpu() && second[i].device().is_cpu() && (!m || m->device().is_cpu()),
                 "hf_rootfree graft_sums: CPU tensors only");
-    TORCH_CHECK(second[i].sizes() == g.sizes() && (!m || m->sizes() == g.sizes()),
-                "hf_rootfree graft_sums: tensor ", i, ": state shape differs from grad shape ",
+    // (the gradient's shape is its parameter's: checked in Python before any kernel runs)
+    TORCH_CHECK(second[i].sizes() == g.sizes(), "hf_rootfree graft_sums: tensor ", i,
+                ": second-moment state shape ", second[i].sizes(), " differs from param shape ",
+                g.sizes());
+    TORCH_CHECK(!m || m->sizes() == g.sizes(), "hf_rootfree graft_sums: tensor ", i,
+                ": momentum state shape ", m ? m->sizes() : g.sizes(), " differs from param shape ",
                 g.sizes());
     TORCH_CHECK(second[i].is_contiguous() && (!m || (m->is_contiguous() &&
                                                       m->scalar_type() == second[i].scalar_type())),
