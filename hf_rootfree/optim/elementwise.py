@@ -2,7 +2,7 @@
 
 RootFreeAdamW, RootFreeRMSprop, AdaX and RootFreeAdaX (each class docstring has its equations) are all one
 element-wise update with a few switches. Per tensor and per step it needs nine scalars,
-the *coefficients* ``(a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add)``::
+the :class:`Coefficients` ``(a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add)``::
 
     s <- a·s + c·g²                               second moment (root-free: s tracks B·g²)
     d <- (sqrt(s) if root else s)·k + e           denominator (damping/eps outside any root)
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim.optimizer import Optimizer
@@ -52,7 +52,23 @@ from ._common import (
 __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
 
 _FLOAT32_TINY = torch.finfo(torch.float32).tiny
-Coefficients = tuple[float, float, float, float, float, float, float, float, float]
+
+
+class Coefficients(NamedTuple):
+    """The nine per-tensor scalars of one step (the module docstring's update). The C++ kernel
+    reads them as the columns of a float64 table in this order (``csrc/elementwise.cpp``)."""
+
+    a: float  #: decay of the second moment s
+    c: float  #: weight of g² in s (B·(1 − β2) for the root-free s, which tracks B·g²)
+    k: float  #: scale of s (or sqrt(s)) in the denominator: the bias correction 1/(1 − β2^t)
+    e: float  #: added to the denominator: the damping λ (root-free) or ε (AdaX)
+    m_decay: float  #: decay of the momentum buffer (β1, or the heavy ball's ϱ)
+    m_gain: float  #: weight of g in the momentum (1 − β1; unused by the heavy ball)
+    lr: float  #: the step size (with m's bias correction folded in)
+    p_mul: float  #: 1 − η·γ, decoupled weight decay (1 when there is none)
+    wd_add: float  #: γ added to the heavy ball's step (the paper's RootFreeRMSprop), else 0
+
+
 #: per-tensor, data-dependent (k, e) of the adaptive damping: two float64 vectors, one entry per tensor
 Scales = tuple[torch.Tensor, torch.Tensor]
 
@@ -279,7 +295,7 @@ def _graft_sums(
         )
     if len(coeffs) == 1:
         coeffs = list(coeffs) * len(grads)
-    a, c, k, _, m_decay, m_gain = (list(col) for col in list(zip(*coeffs))[:6])
+    a, c, k, _, m_decay, m_gain, *_ = (list(col) for col in zip(*coeffs))
     dtype = _compute_dtype(grads[0], seconds[0]) if grads else torch.float32
     g, s = _upcast(grads, dtype), _upcast(seconds, dtype)
     s_new = torch._foreach_mul(s, a)
@@ -343,9 +359,11 @@ def _adaptive_scales(
     g_bar = torch.stack(_distributed.all_reduce_sharded(g_mean, grads)).to(torch.float64)
     device = g_bar.device
     if len(coeffs) == 1:
-        k, e = coeffs[0][2:4]
+        k, e = coeffs[0].k, coeffs[0].e
     else:
-        k, e = (torch.tensor(col, dtype=torch.float64).to(device) for col in list(zip(*coeffs))[2:4])
+        k, e = (
+            torch.tensor([getattr(c, name) for c in coeffs], dtype=torch.float64).to(device) for name in "ke"
+        )
     lam = (e + rho * batch_size * g_bar * g_bar).clamp_min(_FLOAT32_TINY)
     k_vec = torch.full_like(lam, 1.0) * k
     if gain == 0:
@@ -541,7 +559,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
                     continue
                 _, coeffs, scales = last
                 i = rows[id(p)]
-                _, _, k, e = coeffs[i if len(coeffs) > 1 else 0][:4]
+                k, e = coeffs[i if len(coeffs) > 1 else 0][2:4]
                 if scales is not None:
                     k, e = float(scales[0][i]), float(scales[1][i])
                 s = _distributed.local_tensors([s])[0].double()
@@ -564,7 +582,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
 
     def _prior_weight(self, group: dict[str, Any], step: float) -> float:
         """The weight of s0 in s after ``step`` steps (a^t for a constant decay a)."""
-        return self._coefficients(group, step)[0] ** step
+        return self._coefficients(group, step).a ** step
 
     # -- step -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -822,16 +840,16 @@ class RootFreeAdamW(_RootFreeOptimizer):
         lr, inv_bc2 = group["lr"], 1.0
         if group["bias_correction"]:
             lr, inv_bc2 = lr / (1.0 - beta1**step), 1.0 / (1.0 - beta2**step)
-        return (
-            beta2,
-            (1.0 - beta2) * group["batch_size"],
-            inv_bc2,
-            group["damping"],
-            beta1,
-            1.0 - beta1,
-            lr,
-            1.0 - group["lr"] * group["weight_decay"],
-            0.0,
+        return Coefficients(
+            a=beta2,
+            c=(1.0 - beta2) * group["batch_size"],
+            k=inv_bc2,
+            e=group["damping"],
+            m_decay=beta1,
+            m_gain=1.0 - beta1,
+            lr=lr,
+            p_mul=1.0 - group["lr"] * group["weight_decay"],
+            wd_add=0.0,
         )
 
 
@@ -940,16 +958,16 @@ class RootFreeRMSprop(_RootFreeOptimizer):
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         alpha = group["alpha"]
         decoupled = group["lr_units"] == "adamw"
-        return (
-            alpha,
-            (1.0 - alpha) * group["batch_size"],
-            1.0 / (1.0 - alpha**step) if group["bias_correction"] else 1.0,
-            group["damping"],
-            group["momentum"],
-            1.0,
-            group["lr"],
-            1.0 - group["lr"] * group["weight_decay"] if decoupled else 1.0,
-            0.0 if decoupled else group["weight_decay"],
+        return Coefficients(
+            a=alpha,
+            c=(1.0 - alpha) * group["batch_size"],
+            k=1.0 / (1.0 - alpha**step) if group["bias_correction"] else 1.0,
+            e=group["damping"],
+            m_decay=group["momentum"],
+            m_gain=1.0,
+            lr=group["lr"],
+            p_mul=1.0 - group["lr"] * group["weight_decay"] if decoupled else 1.0,
+            wd_add=0.0 if decoupled else group["weight_decay"],
         )
 
 
@@ -1033,16 +1051,16 @@ class AdaX(_ElementwiseOptimizer):
             # would turn the zero step of an entry whose gradient was always 0 into 0/0. Keeping
             # it at least float32's smallest normal number changes no other step measurably.
             eps = max(eps, _FLOAT32_TINY)
-        return (
-            1.0 - weight,
-            weight,
-            1.0,
-            eps,
-            beta1,
-            1.0 - beta1,
-            group["lr"],
-            1.0 - group["lr"] * group["weight_decay"],
-            0.0,
+        return Coefficients(
+            a=1.0 - weight,
+            c=weight,
+            k=1.0,
+            e=eps,
+            m_decay=beta1,
+            m_gain=1.0 - beta1,
+            lr=group["lr"],
+            p_mul=1.0 - group["lr"] * group["weight_decay"],
+            wd_add=0.0,
         )
 
 
@@ -1147,14 +1165,14 @@ class RootFreeAdaX(_RootFreeOptimizer):
     def _coefficients(self, group: dict[str, Any], step: float) -> Coefficients:
         beta1, beta2 = group["betas"]
         weight, _ = adax_weight(step, beta2, group["prior_steps"])
-        return (
-            1.0 - weight,
-            weight * group["batch_size"],
-            1.0,
-            group["damping"],
-            beta1,
-            1.0 - beta1,
-            group["lr"],
-            1.0 - group["lr"] * group["weight_decay"],
-            0.0,
+        return Coefficients(
+            a=1.0 - weight,
+            c=weight * group["batch_size"],
+            k=1.0,
+            e=group["damping"],
+            m_decay=beta1,
+            m_gain=1.0 - beta1,
+            lr=group["lr"],
+            p_mul=1.0 - group["lr"] * group["weight_decay"],
+            wd_add=0.0,
         )

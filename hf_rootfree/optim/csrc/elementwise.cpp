@@ -12,8 +12,8 @@
 //       b <- m_decay*b + u          (only if a buffer is given; otherwise b = u)
 //       p <- p*p_mul - lr * b
 //
-// coeffs is a float64 CPU tensor of shape [n or 1, 9] with columns
-//   a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
+// coeffs is a float64 CPU tensor of shape [n or 1, 9] whose columns are the fields of the Python
+// NamedTuple `elementwise.Coefficients`, in its order: a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
