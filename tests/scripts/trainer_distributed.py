@@ -31,7 +31,7 @@ NAMES = list(hf_rootfree.OPTIMIZERS)
 #: up by ``accelerate launch --config_file`` (its environment variables), nothing in the script
 MODE = sys.argv[2] if len(sys.argv) > 2 else "ddp"
 LR = {
-    "rootfree_adamw": 0.3,
+    "rootfree_adamw": 0.01,  # AdamW units (0.3 drives this tiny model chaotic: fp32 noise grows)
     "rootfree_rmsprop": 0.03,
     "adax": 0.01,
     "rootfree_adax": 0.1,
