@@ -138,10 +138,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         output_dir="outputs/causal_lm",
         report_to="none",
         eval_strategy="steps",
-        eval_steps=50,
+        eval_steps=40,
         logging_steps=10,
         save_strategy="no",
-        max_steps=300,
+        max_steps=200,
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         learning_rate=3e-3,
@@ -257,7 +257,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
     try:
         trainer.train()
-        eval_metrics = trainer.evaluate()  # eval_loss and eval_perplexity
+        eval_metrics = common.final_metrics(trainer)  # eval_loss and eval_perplexity
     finally:
         torch.set_num_threads(threads)
     if training_args.save_strategy != "no":

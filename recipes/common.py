@@ -41,6 +41,7 @@ __all__ = [
     "check_every_class_present",
     "check_launch",
     "command_line",
+    "final_metrics",
     "hf_rootfree",
     "load_metric",
     "model_card",
@@ -292,6 +293,17 @@ def run_record(
         "output_dir": str(args.output_dir),
         "command": command,
     }
+
+
+def final_metrics(trainer: Any) -> dict[str, float]:
+    """The trained model's evaluation: the one the Trainer ran at the last step, when it ran one
+    (the same weights, so not repeated: on CPU an evaluation of MiniLM costs several training
+    steps), else ``trainer.evaluate()``."""
+    last = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == last:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _plain(value: Any) -> Any:

@@ -408,7 +408,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         trainer.train()
         trainer.save_model()  # model + image processor: output_dir is a loadable, pushable model
-        eval_metrics = trainer.evaluate()
+        eval_metrics = common.final_metrics(trainer)
     finally:
         torch.set_num_threads(threads)
 
