@@ -260,7 +260,7 @@ def run_record(
     from hf_rootfree.registry import OPTIMIZERS
 
     args = trainer.args
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = getattr(args, "recipe_optim", None) or str(getattr(args.optim, "value", args.optim))
     optimizer = trainer.optimizer
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the real one
         optimizer = optimizer.optimizer

@@ -11,6 +11,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -51,7 +52,7 @@ def test_reuters_r8_has_its_8_topics_and_a_stratified_validation_subset_with_eve
     assert len(splits["train"]) == 5485 and len(splits["validation"]) == 256
     assert set(splits["validation"]["label"]) == set(range(8))
     first = splits["train"][0]
-    assert first["text"].split()[:3] == ["champion", "products", "approves"]  # title first
+    assert first["text"].split()[:4] == ["champion", "products", "ch", "approves"]  # title first
     assert R8_TOPICS[first["label"]] == "earn"
     # the subset is fixed: the same for every training seed
     assert text_data.reuters_r8(max_eval_samples=256)["validation"]["text"] == splits["validation"]["text"]
@@ -73,7 +74,7 @@ def test_mnist_5k_holds_500_real_28x28_digits_per_class():
     assert all(labels.count(d) == 500 for d in range(10))
     first = images[0]["image"]
     assert first.size == (28, 28) and first.mode == "L"
-    assert 30 < sum(p > 0 for p in first.getdata()) < 400  # strokes on a black background
+    assert 30 < int((np.asarray(first) > 0).sum()) < 400  # strokes on a black background
 
 
 def test_the_packaged_minilm_loads_with_its_own_tokenizer():
