@@ -390,3 +390,35 @@ def test_a_multi_process_launch_that_would_train_each_process_alone_is_refused(m
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
     with pytest.raises(ValueError, match=r"launched as 2 processes.*--use_cpu true --ddp_backend gloo"):
         common.check_launch(args)
+
+
+def test_muon_with_adamw_updates_every_parameter_and_follows_the_trainers_schedule(tmp_path):
+    import common
+    from transformers import TrainingArguments
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(config)
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, weight_decay=0.1, report_to="none")
+    decay = {n for n, _ in model.named_parameters() if "ln_" not in n and not n.endswith("bias")}
+    optimizer = common.MuonWithAdamW(model, args, decay)
+
+    hidden = set(common.muon_parameter_names(model))  # GPT-2's Conv1D: attention and MLP matrices
+    assert hidden == {
+        f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    muon_params = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
+    assert muon_params == {id(p) for n, p in model.named_parameters() if n in hidden}
+    assert optimizer.param_groups == optimizer.muon.param_groups + optimizer.adamw.param_groups
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 20, (4, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged
+    # the Trainer's schedule writes the shared groups, so both halves follow it
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert {g["lr"] for g in optimizer.muon.param_groups + optimizer.adamw.param_groups} == {5e-3}
+    state = optimizer.state_dict()
+    assert set(state) == {"muon", "adamw"} and state["muon"]["state"] and state["adamw"]["state"]
