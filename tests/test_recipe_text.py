@@ -269,7 +269,7 @@ def test_model_card_of_the_lm_names_the_tales_their_source_and_licence(smoke_run
     record = smoke_run("causal-lm", "rootfree_adamw")
     card = ModelCard.load(Path(record["output_dir"]) / "README.md")
     assert card.data.base_model is None  # trained from scratch: no pretrained GPT-2 installs from PyPI
-    assert "Data: 55 tales of the Brothers Grimm" in card.text and "public domain" in card.text
+    assert "Data: 54 tales of the Brothers Grimm" in card.text and "public domain" in card.text
 
 
 def test_muon_trains_hidden_matrices_and_adamw_the_embeddings_head_biases_and_norms(smoke_run):
