@@ -134,20 +134,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate as the command line ``argv`` says; return the run record."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.set_defaults(
-        output_dir="outputs/causal_lm",
-        report_to="none",
-        eval_strategy="steps",
-        eval_steps=40,
-        logging_steps=10,
-        save_strategy="no",
-        max_steps=200,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        seed=42,
-        dataloader_num_workers=0,
-    )
+    # the full default configuration: recipes/configs/tasks/causal_lm.yaml
+    parser.set_defaults(**common.recipe_defaults("causal_lm"))
     model_args, data_args, training_args = common.parse_recipe_args(parser, argv)
     common.check_launch(training_args)
     set_seed(training_args.seed)  # before the model is built: its initial weights follow --seed

@@ -26,6 +26,8 @@ RECIPES_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECIPES_DIR.parent
 LOCAL_METRICS = RECIPES_DIR / "metrics"
 CARD_TEMPLATE = REPO_ROOT / "model_cards" / "template.md"
+#: one YAML per recipe: its full default configuration (model, data, TrainingArguments)
+TASK_CONFIGS = RECIPES_DIR / "configs" / "tasks"
 
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: find hf_rootfree
     sys.path.insert(0, str(REPO_ROOT))
@@ -49,6 +51,7 @@ __all__ = [
     "offline",
     "packaged_path",
     "parse_recipe_args",
+    "recipe_defaults",
     "redact",
     "run_record",
     "search_learning_rate",
@@ -533,8 +536,22 @@ MUON = "muon"
 _HEAD_NAMES = ("classifier", "score", "lm_head")
 
 
+def recipe_defaults(script: str) -> dict[str, Any]:
+    """The full default configuration of ``recipes/<script>.py``: ``recipes/configs/tasks/<script>.yaml``.
+
+    The recipes pass it to ``HfArgumentParser.set_defaults``, so the YAML is what a run without
+    flags does, and every flag on the command line overrides it; a key that names no argument of
+    the recipe is refused by the parser.
+    """
+    import yaml
+
+    with open(TASK_CONFIGS / f"{script}.yaml") as handle:
+        return yaml.safe_load(handle)
+
+
 def parse_recipe_args(parser: Any, argv: Sequence[str]) -> tuple[Any, ...]:
-    """``parser.parse_args_into_dataclasses(argv)``, also accepting ``--optim muon``.
+    """``parser.parse_args_into_dataclasses(argv)``, also accepting ``--optim muon``; refuses
+    ``--push_to_hub`` in offline mode before anything runs.
 
     transformers has no ``muon`` optimizer name, so ``--optim muon`` is parsed as ``adamw_torch``
     (the name of the AdamW half) and recorded in ``training_args.recipe_optim``; a
@@ -549,8 +566,13 @@ def parse_recipe_args(parser: Any, argv: Sequence[str]) -> tuple[Any, ...]:
         elif arg == f"--optim={MUON}":
             argv[i], muon = "--optim=adamw_torch", True
     parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    training_args = next(a for a in parsed if hasattr(a, "optim"))
+    if training_args.push_to_hub and offline():
+        raise ValueError(
+            "--push_to_hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE or "
+            "HF_DATASETS_OFFLINE): unset it to push, or drop --push_to_hub (the default)"
+        )
     if muon:
-        training_args = next(a for a in parsed if hasattr(a, "optim"))
         if training_args.optim_args:
             raise ValueError(
                 f"--optim muon takes no --optim_args (got {training_args.optim_args!r}): Muon gets "

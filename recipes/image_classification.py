@@ -59,23 +59,9 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-#: TrainingArguments defaults of this recipe: the embedded run in ~30 s on 2 CPU cores, with
-#: enough logged losses and evaluations for compare.py's curves. Every one can be overridden.
-TRAINING_DEFAULTS: dict[str, Any] = {
-    "output_dir": "outputs/image_classification",
-    "max_steps": 200,
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 128,
-    "learning_rate": 1e-3,
-    "eval_strategy": "steps",
-    "eval_steps": 40,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "report_to": "none",
-    "seed": 42,
-    "remove_unused_columns": False,  # the transform needs the raw image and label columns
-    "dataloader_num_workers": 0,
-}
+#: the full default configuration (model, data, TrainingArguments), from
+#: recipes/configs/tasks/image_classification.yaml; every one can be overridden with a flag
+TRAINING_DEFAULTS: dict[str, Any] = common.recipe_defaults("image_classification")
 
 
 @dataclass

@@ -134,21 +134,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     parser.set_defaults(
-        output_dir="outputs/text_classification",
-        report_to="none",
-        eval_strategy="steps",
-        eval_steps=25,
-        logging_steps=5,
-        save_strategy="no",
-        max_steps=50,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-4,
-        warmup_steps=5,
-        weight_decay=0.01,
-        seed=42,
-        dataloader_num_workers=0,
-    )
+        **common.recipe_defaults("text_classification")
+    )  # recipes/configs/tasks/text_classification.yaml
     model_args, data_args, training_args = common.parse_recipe_args(parser, argv)
     common.check_launch(training_args)
     set_seed(training_args.seed)  # before the model is built: its initial weights follow --seed

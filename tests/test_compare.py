@@ -132,6 +132,20 @@ def test_presets_cover_the_default_optimizers_with_provenance():
             assert preset["source"], (task, optim)
 
 
+def test_every_adaptive_preset_is_the_recipes_own_adamw_configuration():
+    import common
+
+    presets = compare.load_presets(compare.PRESETS)
+    for task, (script, _, _) in compare.TASKS.items():
+        config = common.recipe_defaults(script)  # what the recipe runs with no flags
+        assert config["optim"] == compare.BASELINE
+        for optim, preset in presets[task].items():
+            if optim == "sgd":
+                continue
+            same = (preset["learning_rate"], preset["weight_decay"], preset.get("optim_args"))
+            assert same == (config["learning_rate"], config["weight_decay"], None), (task, optim)
+
+
 def test_sgd_is_a_baseline_for_the_cnn_task_only_and_extra_names_are_added():
     args, _ = compare.parse_args(["--extra_optimizers", "adax,rootfree_adax"])
     assert compare.optimizers_for("image-classification", args) == [

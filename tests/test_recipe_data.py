@@ -18,6 +18,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 if str(RECIPES) not in sys.path:
     sys.path.insert(0, str(RECIPES))
 
+import causal_lm  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
 import image_classification  # noqa: E402
@@ -165,3 +166,23 @@ def test_a_tokenizer_of_another_model_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"tokenizer has 30522 tokens but the model embeds only 100.*Fix"):
         text_classification.run(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(out)])
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"--push_to_hub needs the Hugging Face Hub, but offline mode is on"):
+        text_classification.run(["--push_to_hub", "--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_key_of_a_task_yaml_is_an_argument_of_its_recipe():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    for module, script in (
+        (text_classification, "text_classification"),
+        (image_classification, "image_classification"),
+        (causal_lm, "causal_lm"),
+    ):
+        parser = HfArgumentParser((module.ModelArguments, module.DataArguments, TrainingArguments))
+        known = {action.dest for action in parser._actions}
+        assert set(common.recipe_defaults(script)) <= known, script
