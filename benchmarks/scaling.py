@@ -31,7 +31,7 @@ A PNG of both parts is written to ``--plot`` (``benchmarks/results/scaling.png``
 Usage::
 
     python benchmarks/scaling.py                         # ~2 minutes on 2 cores, 7 GB of memory
-    python benchmarks/scaling.py --quick --json /tmp/scaling.json     # < 2 minutes
+    python benchmarks/scaling.py --quick --json scaling.json     # < 2 minutes
     python benchmarks/scaling.py --part sirfshampoo --dims 256,512,1024 --threads 1
 """
 

@@ -28,7 +28,7 @@ Ratios are against AdamW's state bytes. Target: SIRFShampoo with bf16 factors an
 Usage::
 
     python benchmarks/state_memory.py                  # ~1-2 minutes, ~3 GB of memory
-    python benchmarks/state_memory.py --quick --json /tmp/state_memory.json   # 2 layers
+    python benchmarks/state_memory.py --quick --json state_memory.json   # 2 layers
 """
 
 from __future__ import annotations

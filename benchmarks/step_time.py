@@ -1,6 +1,7 @@
 """Time ``optimizer.step()`` of hf_rootfree's element-wise optimizers against torch's AdamW.
 
-Measures RootFreeAdamW, RootFreeRMSprop, AdaX and RootFreeAdaX (default path: the compiled fused
+Measures every element-wise optimizer of ``hf_rootfree.OPTIMIZERS`` (RootFreeAdamW, RootFreeRMSprop,
+AdaX and RootFreeAdaX at the time of writing; default path: the compiled fused
 kernel on CPU, foreach elsewhere) against ``torch.optim.AdamW(fused=True)`` and
 ``torch.optim.AdamW(foreach=True)`` in the same run, on two models built from configs (no
 downloads): a small GPT-2 (5.3M parameters in 52 tensors) and a small ConvNeXt (1.6M parameters
@@ -49,7 +50,9 @@ TARGET_RATIO = 1.1
 BATCH_SIZE = 32  # the B of the root-free optimizers; it does not change the cost of a step
 GRAD_SCALE = 1e-3
 
-OURS = ("RootFreeAdamW", "RootFreeRMSprop", "AdaX", "RootFreeAdaX")
+#: class name -> registry spec of the element-wise optimizers timed here
+SPECS = {spec.cls.__name__: spec for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise}
+OURS = tuple(SPECS)
 MODELS = ("gpt2", "convnext")
 
 # Path name -> constructor keyword arguments of our optimizers.
@@ -134,8 +137,9 @@ def our_factory(
     name: str, kwargs: dict[str, bool | None]
 ) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
     cls = getattr(hf_rootfree, name)
-    extra = {} if name == "AdaX" else {"batch_size": BATCH_SIZE}
-    if MODE["mode"] == "paper" and name != "AdaX":
+    root_free = SPECS[name].root_free  # the root-free ones take B and a paper parametrization
+    extra = {"batch_size": BATCH_SIZE} if root_free else {}
+    if MODE["mode"] == "paper" and root_free:
         extra.update(PAPER.get(name, {**PAPER_ELEMENTWISE, "damping": 1e-4}))
     return lambda params: cls(params, **extra, **kwargs)
 

@@ -24,7 +24,7 @@ get there are reported as "not reached". Evaluation is every 20 steps, so steps 
 Usage::
 
     python benchmarks/time_to_quality.py                    # ~1 minute per seed on 2 cores
-    python benchmarks/time_to_quality.py --seeds 3 --json /tmp/ttq.json
+    python benchmarks/time_to_quality.py --seeds 3 --json ttq.json
     python benchmarks/time_to_quality.py --seeds 3 --tolerance 0.01    # within 1% of AdamW
     python benchmarks/time_to_quality.py --quick            # 60 steps per run: a smoke test
     python benchmarks/time_to_quality.py --tasks causal-lm --optimizers adamw_torch_fused,adax

@@ -53,7 +53,7 @@ Targets (CPU): each of the four element-wise names >= 0.97x AdamW's throughput; 
 Usage::
 
     python benchmarks/trainer_throughput.py                       # ~15 minutes on 2 cores (3 rounds)
-    python benchmarks/trainer_throughput.py --quick --json /tmp/throughput.json
+    python benchmarks/trainer_throughput.py --quick --json throughput.json
     python benchmarks/trainer_throughput.py --workloads gpt2-5m --repeats 5 --threads 2
 """
 

@@ -32,12 +32,24 @@ __all__ = ["OPTIMIZERS", "check_optimizer_kwargs", "optimizer_cls_and_kwargs", "
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """How one ``--optim`` name is built from ``TrainingArguments``."""
+    """One ``--optim`` name: what the package, the launcher, the tests and the benchmarks ask
+    about an optimizer. Its presets in ``recipes/configs/presets.yaml`` are keyed by ``name``;
+    its float64 oracle lives in ``tests/`` under the key ``oracle``."""
 
     name: str
     cls: type[torch.optim.Optimizer]
     #: takes (args) and returns the kwargs this name derives from TrainingArguments
     from_training_args: Callable[[Any], dict[str, Any]]
+    #: its float64 oracle in tests/, as ``module.name`` (``oracle.adax`` is ``tests/oracle.py``'s ``adax``)
+    oracle: str
+    #: one element-wise update per entry (the ``optim/elementwise.py`` family); False: Kronecker factors
+    element_wise: bool = True
+    #: without a square root in the update (False: AdaX, the baseline it builds on)
+    root_free: bool = True
+    #: the Trainer's model is passed as ``trainer_model`` (it decides which weight and bias share a block)
+    takes_model: bool = False
+    #: why ``--optim name`` cannot run under DeepSpeed (None: it can)
+    deepspeed_unsupported: str | None = None
 
 
 def global_batch_size(args: Any) -> int:
@@ -56,13 +68,27 @@ def _adamw_kwargs(args: Any) -> dict[str, Any]:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     spec.name: spec
     for spec in (
-        OptimizerSpec("rootfree_adamw", RootFreeAdamW, _adamw_kwargs),
-        OptimizerSpec("rootfree_rmsprop", RootFreeRMSprop, _lr_and_batch),
+        OptimizerSpec("rootfree_adamw", RootFreeAdamW, _adamw_kwargs, oracle="oracle.rootfree_adamw"),
+        OptimizerSpec("rootfree_rmsprop", RootFreeRMSprop, _lr_and_batch, oracle="oracle.rootfree_rmsprop"),
         # AdaX's β2 is a different quantity (1e-4), so adam_beta2 is deliberately not mapped.
-        OptimizerSpec("adax", AdaX, lambda args: {"lr": args.learning_rate}),
-        OptimizerSpec("rootfree_adax", RootFreeAdaX, _lr_and_batch),
+        OptimizerSpec(
+            "adax", AdaX, lambda args: {"lr": args.learning_rate}, oracle="oracle.adax", root_free=False
+        ),
+        OptimizerSpec("rootfree_adax", RootFreeAdaX, _lr_and_batch, oracle="oracle.rootfree_adax"),
         # The model (when the Trainer has one) lets a layer's weight and bias share a factor.
-        OptimizerSpec("sirfshampoo", SIRFShampoo, _lr_and_batch),
+        OptimizerSpec(
+            "sirfshampoo",
+            SIRFShampoo,
+            _lr_and_batch,
+            oracle="sirf_oracle.SIRFShampooOracle",
+            element_wise=False,
+            takes_model=True,
+            deepspeed_unsupported=(
+                "ZeRO flattens the parameters into one buffer per rank, so the per-layer Kronecker "
+                "factors have no shape to act on. Train with DDP or FSDP2 (accelerate's fsdp_version: 2; "
+                "SIRFShampoo gathers sharded gradients)"
+            ),
+        ),
     )
 }
 
@@ -228,8 +254,8 @@ def check_optimizer_kwargs(name: str, kwargs: dict[str, Any]) -> None:
 
 
 def element_wise_names() -> list[str]:
-    """The ``--optim`` names of the element-wise optimizers (all but SIRFShampoo)."""
-    return [name for name, spec in OPTIMIZERS.items() if spec.cls is not SIRFShampoo]
+    """The ``--optim`` names of the element-wise optimizers."""
+    return [name for name, spec in OPTIMIZERS.items() if spec.element_wise]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,17 +279,15 @@ def optimizer_cls_and_kwargs(
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown hf_rootfree optimizer {key!r}; choose one of {', '.join(OPTIMIZERS)}")
     spec = OPTIMIZERS[key]
-    if spec.cls is SIRFShampoo and getattr(args, "deepspeed", None):
+    if spec.deepspeed_unsupported is not None and getattr(args, "deepspeed", None):
         raise ValueError(
-            "--optim sirfshampoo does not support DeepSpeed: ZeRO flattens the parameters into one "
-            "buffer per rank, so the per-layer Kronecker factors have no shape to act on. Train "
-            "with DDP or FSDP2 (accelerate's fsdp_version: 2; SIRFShampoo gathers sharded "
-            f"gradients), or pick an element-wise --optim ({', '.join(element_wise_names())})."
+            f"--optim {key} does not support DeepSpeed: {spec.deepspeed_unsupported}, or pick an "
+            f"element-wise --optim ({', '.join(element_wise_names())})."
         )
     kwargs = spec.from_training_args(args)
     kwargs.update(parse_optim_args(key, getattr(args, "optim_args", None)))
     check_optimizer_kwargs(key, kwargs)
-    if model is not None and "trainer_model" in inspect.signature(spec.cls.__init__).parameters:
+    if model is not None and spec.takes_model:
         # not "model": the Trainer takes a "model" kwarg to be the parameters (its LOMO convention)
         kwargs["trainer_model"] = model
     return spec.cls, kwargs

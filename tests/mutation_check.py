@@ -80,9 +80,8 @@ MUTATIONS = [
     Mutation(  # a host read of a device value inside step()
         "host-read-in-step",
         "hf_rootfree/optim/elementwise.py",
-        "            params, grads, bufs, seconds = (_local_tensors(ts)",
-        "            grads[0].abs().max().tolist()\n"
-        "            params, grads, bufs, seconds = (_local_tensors(ts)",
+        "            params, grads, bufs, seconds = (\n",
+        "            grads[0].abs().max().tolist()\n            params, grads, bufs, seconds = (\n",
         ("tests/test_elementwise.py", "-k", "never_reads and rootfree_adamw"),
     ),
 ]

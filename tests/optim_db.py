@@ -15,18 +15,15 @@ from typing import Any
 import oracle
 import torch
 
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
+from hf_rootfree import OPTIMIZERS, AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop, SIRFShampoo
 from hf_rootfree.optim.elementwise import PAPER_MODE
 
-#: the --optim names and the classes they must build (spelled out, not read from the registry)
-NAMES = ["rootfree_adamw", "rootfree_rmsprop", "adax", "rootfree_adax", "sirfshampoo"]
-CLASSES = {
-    "rootfree_adamw": RootFreeAdamW,
-    "rootfree_rmsprop": RootFreeRMSprop,
-    "adax": AdaX,
-    "rootfree_adax": RootFreeAdaX,
-    "sirfshampoo": SIRFShampoo,
-}
+#: the --optim names and the classes they build: the registry's table (test_optim_args checks it
+#: against the public names)
+NAMES = list(OPTIMIZERS)
+CLASSES = {name: spec.cls for name, spec in OPTIMIZERS.items()}
+#: the element-wise classes, in the registry's order
+ELEMENT_WISE_CLASSES = [spec.cls for spec in OPTIMIZERS.values() if spec.element_wise]
 
 #: the three implementations of one update, selected by constructor flags
 PATHS: dict[str, dict[str, bool]] = {
@@ -246,10 +243,7 @@ def _train_lrs_of(cls: type[torch.optim.Optimizer]) -> dict[str, float]:
 
 
 OPTIMIZER_INFOS: list[OptimizerInfo] = [
-    *(
-        OptimizerInfo(cls, _configs_of(cls), PATHS, {}, _train_lrs_of(cls))
-        for cls in (RootFreeAdamW, RootFreeRMSprop, AdaX, RootFreeAdaX)
-    ),
+    *(OptimizerInfo(cls, _configs_of(cls), PATHS, {}, _train_lrs_of(cls)) for cls in ELEMENT_WISE_CLASSES),
     OptimizerInfo(
         SIRFShampoo,
         {

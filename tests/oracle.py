@@ -21,17 +21,21 @@ def _float64(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float64).clone()
 
 
-def _adaptive_denominator(s_hat, g, *, lam, rho, lr_units, B, gain=1.0):
+def _adaptive_denominator(s_hat, g, n, *, lam, rho, lr_units, B, gain=1.0):
     """The root-free denominator d with the per-tensor damping and the lr units.
 
-    λ_l = λ + ρ·B·ḡ² with ḡ = mean(|g|) over this tensor; d = ŝ + λ_l, and in AdamW units
-    d = (ŝ + λ_l) / (gain·2·sqrt(B·λ_l)), so that the step η·g/d peaks at gain·η.
+    λ_l = λ + ρ·B·ḡ² with ḡ = mean(|g|) over this tensor; d = ŝ + λ_l. In AdamW units the step
+    n/d is grafted onto AdamW's: d = (ŝ + λ_l)/r with r = gain·‖n/(sqrt(ŝ/B) + ε)‖/‖n/(ŝ + λ_l)‖,
+    ε = 1e-8, n the step's numerator (m, or g for the heavy ball).
     """
     g_bar = g.abs().mean().item() if g.numel() else 0.0
     lam_l = max(lam + rho * B * g_bar**2, torch.finfo(torch.float32).tiny)
     d = s_hat + lam_l
     if lr_units == "adamw":
-        d = d / (gain * 2 * (B * lam_l) ** 0.5)
+        root_free = (n / d).norm().item()
+        adamw = (n / ((s_hat / B).sqrt() + 1e-8)).norm().item()
+        r = gain * adamw / root_free if root_free > 0 else gain  # n = 0: any r, the step is 0
+        d = d / r
     return d
 
 
@@ -70,7 +74,7 @@ def rootfree_adamw(
     if bias_correction:
         m = m / (1 - beta1**t)
         s = s / (1 - beta2**t)
-    d = _adaptive_denominator(s, g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B)
+    d = _adaptive_denominator(s, g, m, lam=lam, rho=relative_damping, lr_units=lr_units, B=B)
     return mu - eta * m / d
 
 
@@ -103,7 +107,7 @@ def rootfree_rmsprop(
     state["t"] += 1
     state["s"] = alpha * state["s"] + (1 - alpha) * B * g**2
     s = state["s"] / (1 - alpha ** state["t"]) if bias_correction else state["s"]
-    d = _adaptive_denominator(s, g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B, gain=1 - rho)
+    d = _adaptive_denominator(s, g, g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B, gain=1 - rho)
     if lr_units == "adamw":
         mu = mu * (1 - eta * gamma)
         u = g / d
@@ -174,5 +178,7 @@ def rootfree_adax(
     beta_hat = 1 - beta2 / rootfree_adax_d(state["t"], beta2, n0)
     state["m"] = beta1 * state["m"] + (1 - beta1) * g
     state["s"] = beta_hat * state["s"] + (1 - beta_hat) * B * g**2
-    d = _adaptive_denominator(state["s"], g, lam=lam, rho=relative_damping, lr_units=lr_units, B=B)
+    d = _adaptive_denominator(
+        state["s"], g, state["m"], lam=lam, rho=relative_damping, lr_units=lr_units, B=B
+    )
     return mu * (1 - eta * gamma) - eta * state["m"] / d

@@ -30,8 +30,12 @@ def test_ddp_ranks_hold_bitwise_equal_state_equal_to_one_process_on_the_global_b
     assert entry["ranks_bitwise_equal"]
     assert entry["same_layout"]
     assert entry["moved"] > 1e-3  # training moved the parameters: the comparison is not vacuous
-    # fp32 tolerance: DDP averages the two half-batch gradients, one process takes the mean directly
-    assert entry["max_abs_error"] <= 1e-6 * max(1.0, entry["max_abs_value"]), entry
+    # fp32 tolerance: DDP averages the two half-batch gradients, one process takes the mean directly.
+    # With bf16 factors that fp32-level difference can flip a bf16 rounding in a factor update
+    # (which flips depends on the CPU's reduction order): measured 3.7e-4 of 3.4 on one machine,
+    # 0 on another; the bound is then bf16's, 2^-8 relative.
+    tolerance = 2.0**-8 if case.endswith("bf16") else 1e-6
+    assert entry["max_abs_error"] <= tolerance * max(1.0, entry["max_abs_value"]), entry
 
 
 def test_ddp_split_work_gives_the_same_result_as_every_rank_doing_all_of_it(ddp_report):

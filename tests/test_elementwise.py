@@ -15,21 +15,16 @@ import oracle
 import pytest
 import torch
 from host_reads import HostReads
-from optim_db import ADAX_CASES, OPTIM_DB, PATHS, OptimCase
+from optim_db import ADAX_CASES, ELEMENT_WISE_CLASSES, OPTIM_DB, PATHS, OptimCase
 
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from hf_rootfree import OPTIMIZERS, AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
 from hf_rootfree.optim import _fused, elementwise
 from hf_rootfree.optim.elementwise import adax_weight
 
-ROOT_FREE_CLASSES = [RootFreeAdamW, RootFreeRMSprop, RootFreeAdaX]
-ALL_CLASSES = [RootFreeAdamW, RootFreeRMSprop, AdaX, RootFreeAdaX]
+ALL_CLASSES = ELEMENT_WISE_CLASSES
+ROOT_FREE_CLASSES = [spec.cls for spec in OPTIMIZERS.values() if spec.element_wise and spec.root_free]
 #: keyword arguments every class needs (B for the root-free ones)
-REQUIRED = {
-    RootFreeAdamW: {"batch_size": 8},
-    RootFreeRMSprop: {"batch_size": 8},
-    AdaX: {},
-    RootFreeAdaX: {"batch_size": 8},
-}
+REQUIRED = {cls: {"batch_size": 8} if cls in ROOT_FREE_CLASSES else {} for cls in ALL_CLASSES}
 
 #: shapes the oracle test covers, including 0-d and zero-size tensors
 SHAPES = [(), (0,), (0, 3), (5,), (4, 3), (2, 3, 4), (1, 5, 1)]

@@ -113,3 +113,34 @@ def test_combinations_that_make_no_sense_are_refused_naming_the_argument(cls, kw
         pytest.skip("RootFreeAdaX has no bias correction (its schedule is normalized)")
     with pytest.raises(error, match=match):
         cls([torch.nn.Parameter(torch.zeros(2))], batch_size=4, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["single_tensor", "foreach", "fused"])
+def test_each_tensors_step_has_the_norm_of_adamws_step_from_the_same_moments(path: str) -> None:
+    """lr_units="adamw" grafts: fed the same gradients, RootFreeAdamW's step of every tensor has the
+    norm of torch.optim.AdamW's (eps 1e-8, same betas, no weight decay) at every step, because ŝ/B
+    is AdamW's v̂. The direction differs: root-free, it is not AdamW's step."""
+    flags = {"single_tensor": {"foreach": False, "fused": False}, "foreach": {"foreach": True}}.get(path, {})
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (11,), (3, 2, 4)]
+    ours = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    theirs = [p.clone() for p in ours]
+    for p in (*ours, *theirs):
+        p.requires_grad_()
+    rootfree = RootFreeAdamW(ours, lr=1e-2, betas=(0.9, 0.99), batch_size=8, **flags)
+    adamw = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    for _ in range(20):
+        before = [p.detach().clone() for p in ours]
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * torch.rand(
+                p.shape, generator=gen
+            )
+            q.grad = p.grad.clone()
+        rootfree.step()
+        adamw.step()
+        for p, q, b in zip(ours, theirs, before):
+            ours_norm, adamw_norm = (p.detach() - b).norm(), (q.detach() - b).norm()
+            torch.testing.assert_close(ours_norm, adamw_norm, rtol=1e-9, atol=0)
+            assert not torch.allclose(p.detach() - b, q.detach() - b, rtol=1e-2), "the step is AdamW's"
+        for p, q in zip(ours, theirs):  # continue both from the same point
+            q.data.copy_(p.data)

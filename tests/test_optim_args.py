@@ -6,6 +6,8 @@ then the same strings through ``HfArgumentParser`` and the stock ``Trainer``.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import re
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from optim_db import NAMES
+from optim_db import NAMES, OPTIM_DB
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -439,6 +441,27 @@ def test_launcher_help_and_package_docstring_name_every_registered_optimizer(cap
         assert name in out
         assert f"``{name}``" in hf_rootfree.__doc__
     assert set(hf_rootfree.OPTIMIZERS) == set(NAMES)
+
+
+def test_the_registry_holds_the_public_names_with_their_classes_and_oracles():
+    """The one list of optimizers everything reads, checked against the names users type."""
+    expected = {
+        "rootfree_adamw": hf_rootfree.RootFreeAdamW,
+        "rootfree_rmsprop": hf_rootfree.RootFreeRMSprop,
+        "adax": hf_rootfree.AdaX,
+        "rootfree_adax": hf_rootfree.RootFreeAdaX,
+        "sirfshampoo": hf_rootfree.SIRFShampoo,
+    }
+    assert {name: spec.cls for name, spec in hf_rootfree.OPTIMIZERS.items()} == expected
+    for name, spec in hf_rootfree.OPTIMIZERS.items():
+        module, attr = spec.oracle.split(".")
+        oracle = getattr(importlib.import_module(module), attr)  # the oracle the spec names exists
+        takes_model = "trainer_model" in inspect.signature(spec.cls.__init__).parameters
+        assert spec.takes_model == takes_model, name
+        if spec.element_wise:  # the generic tests cover it, against that oracle
+            cases = [case for case in OPTIM_DB if case.cls is spec.cls]
+            assert cases, f"{name} has no row in optim_db.OPTIM_DB"
+            assert all(case.oracle is oracle for case in cases), name
 
 
 def test_the_fused_kernel_build_is_announced_at_warning_level_with_its_duration(monkeypatch, caplog):

@@ -13,7 +13,7 @@ import zlib
 import pytest
 import torch
 
-from hf_rootfree.optim.structures import STRUCTURES, BlockDiagonal, make_structure
+from hf_rootfree.optim.structures import LARGE_DIM_STRUCTURES, STRUCTURES, BlockDiagonal, make_structure
 
 N = 3  # batch of factors
 DIMS = (1, 2, 5, 7, 16)
@@ -153,6 +153,14 @@ def gen(request) -> torch.Generator:
 
 def build(name: str, kwargs: dict, d: int):
     return make_structure(name, d, **kwargs)
+
+
+def apply_kkt(struct, q: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """One ``q`` (an entry of ``struct.kkt``) onto axis ``axis`` of ``x``, through
+    ``apply_kkt_batch`` on a batch of one, as the optimizer applies it to a mode-n unfolding."""
+    moved = x.movedim(axis, 0)
+    out = struct.apply_kkt_batch(q.unsqueeze(0), moved.reshape(1, struct.dim, -1))
+    return out.reshape(moved.shape).movedim(0, axis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +306,7 @@ def test_kkt_applied_on_each_axis_of_a_3d_tensor_multiplies_k_k_transposed_onto_
         x = torch.randn(shape, generator=gen, dtype=DTYPE)
         for i in range(N):
             expected = torch.tensordot(kkt_dense[i], x, dims=([1], [axis])).movedim(0, axis)
-            close(struct.apply_kkt(q[i], x, axis), expected)
+            close(apply_kkt(struct, q[i], x, axis), expected)
 
 
 @all_cases
@@ -310,31 +318,68 @@ def test_kkt_on_a_vector_multiplies_k_k_transposed(name, kwargs, d, gen):
     q = struct.kkt(t)
     x = torch.randn(d, generator=gen, dtype=DTYPE)
     for i in range(N):
-        close(struct.apply_kkt(q[i], x, 0), k[i] @ k[i].mT @ x)
+        close(apply_kkt(struct, q[i], x, 0), k[i] @ k[i].mT @ x)
+
+
+@all_cases
+@all_dims
+@pytest.mark.parametrize("r", [1, 6])
+def test_apply_kkt_batch_multiplies_each_k_k_transposed_onto_its_own_x(name, kwargs, d, r, gen):
+    struct = build(name, kwargs, d)
+    t = random_element(struct, d, gen)
+    k = struct.to_dense(t)
+    x = torch.randn(N, d, r, generator=gen, dtype=DTYPE)
+    out = struct.apply_kkt_batch(struct.kkt(t), x)
+    assert out.shape == (N, d, r)
+    close(out, k @ k.mT @ x)
 
 
 # ---------------------------------------------------------------------------------------------
-# scalars: average_trace, frobenius_norm, max_abs
+# scalars: kkt_average_trace, frobenius_norm, max_abs
 # ---------------------------------------------------------------------------------------------
 
 
 @all_cases
 @all_dims
-def test_average_trace_frobenius_norm_and_max_abs_match_the_dense_matrix(name, kwargs, d, gen):
+def test_kkt_average_trace_frobenius_norm_and_max_abs_match_the_dense_matrix(name, kwargs, d, gen):
     struct = build(name, kwargs, d)
     for t in (random_element(struct, d, gen), struct.eye(N, DTYPE, CPU), -struct.eye(N, DTYPE, CPU)):
         k = struct.to_dense(t)
-        close(struct.average_trace(t), k.diagonal(dim1=-2, dim2=-1).sum(-1) / d)
+        close(struct.kkt_average_trace(struct.kkt(t)), (k @ k.mT).diagonal(dim1=-2, dim2=-1).sum(-1) / d)
         close(struct.frobenius_norm(t), torch.linalg.matrix_norm(k, ord="fro"))
         close(struct.max_abs(t), k.abs().amax(dim=(-2, -1)))
-        assert struct.average_trace(t).shape == (N,)
+        assert struct.kkt_average_trace(struct.kkt(t)).shape == (N,)
         assert struct.frobenius_norm(t).shape == (N,)
         assert struct.max_abs(t).shape == (N,)
 
 
 # ---------------------------------------------------------------------------------------------
-# make_structure
+# make_structure and the registry
 # ---------------------------------------------------------------------------------------------
+
+
+def test_the_registry_maps_each_name_to_a_class_of_that_name():
+    assert list(STRUCTURES) == [
+        "dense",
+        "diagonal",
+        "block_diagonal",
+        "hierarchical",
+        "tril_toeplitz",
+        "triu_toeplitz",
+    ]
+    for name, cls in STRUCTURES.items():
+        assert cls.name == name
+        assert type(make_structure(name, 5)) is cls
+    assert LARGE_DIM_STRUCTURES == ("diagonal", "block_diagonal")
+
+
+@pytest.mark.parametrize("large", LARGE_DIM_STRUCTURES)
+def test_an_axis_over_max_dense_dim_gets_the_large_dim_structure_unless_it_is_diagonal(large):
+    kwargs = {"max_dense_dim": 8, "large_dim_structure": large}
+    for name in STRUCTURES:
+        assert make_structure(name, 8, **kwargs).name == name  # not over the limit
+        expected = name if name in ("diagonal", large) else large
+        assert make_structure(name, 9, **kwargs).name == expected
 
 
 def test_make_structure_rejects_an_unknown_name_and_lists_the_allowed_ones():

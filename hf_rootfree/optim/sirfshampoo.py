@@ -13,6 +13,8 @@ Implementation notes:
 * Dense factors fold the scalings and sums of the factor update into ``baddbmm`` products and
   compute the symmetric ones (KᵀK, G Gᵀ, K Kᵀ) as their upper block triangle
   (:meth:`~hf_rootfree.optim.structures.Dense.momentum_step`).
+* Several processes (DDP, FSDP2): gathering sharded gradients and sharing the work across ranks
+  is in :mod:`hf_rootfree.optim._distributed`.
 * ``step()`` never synchronizes with the device: the update schedule is kept on the host, scalars
   that depend on the factors stay tensors, and a non-finite factor update is rejected with
   ``torch.where`` and counted in a device tensor.
@@ -20,7 +22,6 @@ Implementation notes:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -29,21 +30,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Replicate
 from torch.optim import Optimizer
 
+from . import _distributed
 from ._checkpoint import CheckedStateDict
-from .elementwise import (
-    _BATCH_SIZE_HELP,
-    _check_batch_size,
-    _check_lr,
-    _check_lr_units,
-    _check_nonnegative,
-    _check_range,
+from ._common import (
+    BATCH_SIZE_HELP,
+    check_batch_size,
+    check_grad,
+    check_lr,
+    check_lr_units,
+    check_nonnegative,
+    check_param,
+    check_positive_int,
+    check_range,
 )
-from .structures import STRUCTURES, Structure, _times, make_structure
+from .structures import LARGE_DIM_STRUCTURES, STRUCTURES, Dense, Structure, _times, make_structure
 
 __all__ = ["SIRFShampoo"]
 
@@ -96,14 +99,6 @@ def _precond_dtype(value: Any) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or a positive integer" if allow_none else "a positive integer"
-        raise ValueError(f"{_OWNER}: {name} must be {allowed}, got {value!r}")
-
-
 def _normalize_structures(value: Any) -> str | tuple[str, ...] | dict[int, str | tuple[str, ...]]:
     """Check ``structures`` and return it as plain, picklable values."""
 
@@ -147,9 +142,9 @@ def _normalize_structures(value: Any) -> str | tuple[str, ...] | dict[int, str |
 def _structures_for(spec: Any, n_factors: int) -> tuple[str, ...]:
     """Per-axis structure names for a tensor with ``n_factors`` factors (unlisted counts: dense)."""
     if isinstance(spec, dict):
-        spec = spec.get(n_factors, "dense")
+        spec = spec.get(n_factors, Dense.name)
     elif isinstance(spec, tuple) and len(spec) != n_factors:
-        spec = "dense"
+        spec = Dense.name
     if isinstance(spec, str):
         return (spec,) * n_factors
     return tuple(spec)
@@ -185,6 +180,7 @@ class _Block:
     """Parameters that share one preconditioner: one tensor, or a layer's weight and bias."""
 
     params: list[Tensor]
+    groups: list[dict[str, Any]]  # each parameter's group (they agree on _PRECOND_KEYS)
     dims: tuple[int, ...]
     structures: tuple[Structure, ...]
     dtype: torch.dtype
@@ -197,6 +193,11 @@ class _Block:
         return self.params[0]
 
     @property
+    def group(self) -> dict[str, Any]:
+        """The owner's group: it holds the preconditioner options of the block."""
+        return self.groups[0]
+
+    @property
     def empty(self) -> bool:
         return any(d == 0 for d in self.dims)
 
@@ -207,11 +208,11 @@ class _Block:
     def batch_key(self) -> tuple[Any, ...]:
         return (self._shape_key, self.owner.device)
 
-    def gradient(self) -> Tensor:
-        """The preconditioned view of the gradient (zeros for a member without one). A DTensor
-        gradient (FSDP2) is all-gathered: the preconditioner sees the whole tensor."""
+    def gradient(self, whole: Callable[[Tensor], Tensor]) -> Tensor:
+        """G: the preconditioned view of the gradient (zeros for a member without one). ``whole``
+        makes a DTensor gradient (FSDP2) whole: the preconditioner sees the whole tensor."""
         grads = [
-            _full(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             for p in self.params
         ]
         if len(grads) == 1:
@@ -220,6 +221,26 @@ class _Block:
         if self.transposed:
             weight = weight.mT
         return torch.cat([weight.reshape(weight.shape[0], -1), bias.reshape(-1, 1)], dim=1)
+
+    def caches_kkt(self, axis: int, update_freq: int) -> bool:
+        """Whether axis ``axis`` keeps K Kᵀ between factor updates (its structure decides)."""
+        return self.structures[axis].caches_kkt(math.prod(self.dims) // self.dims[axis], update_freq)
+
+    def factor_update_cost(self) -> float:
+        """Rough flops of one factor update: each axis's own (d³ dense) plus the products with
+        the gradient, which cost what preconditioning it does."""
+        cubic = 0.0
+        for struct in self.structures:
+            cubic += struct.factor_update_cost()
+        return cubic + self.precondition_cost()
+
+    def precondition_cost(self) -> float:
+        """Rough flops of preconditioning the gradient: numel·d per dense axis."""
+        numel = math.prod(self.dims)
+        cost = 0.0
+        for struct in self.structures:
+            cost += struct.apply_cost(numel)
+        return cost
 
     def split(self, update: Tensor) -> list[Tensor]:
         if len(self.params) == 1:
@@ -287,8 +308,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         structures: structure of the factors: a name (all factors), a tuple of names (per axis,
             for tensors with that many factors), or a dict ``{number of factors: name or tuple}``,
             e.g. ``{2: ("dense", "diagonal")}``; tensors not covered get ``"dense"``. Names:
-            ``dense``, ``diagonal``, ``block_diagonal``, ``hierarchical``, ``tril_toeplitz``,
-            ``triu_toeplitz`` (see :mod:`hf_rootfree.optim.structures`).
+            {structure_names} (see :mod:`hf_rootfree.optim.structures`).
         precond_dtype: dtype of the factors, momenta and cached K Kᵀ (e.g. ``torch.bfloat16``).
             ``None``: float32 for float32/bfloat16/float16 parameters, float64 for float64 ones.
         max_dense_dim: an axis longer than this gets a ``large_dim_structure`` factor instead of a
@@ -297,7 +317,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             while ≤ ``max_dense_dim``); conv kernels become (out, in·kh·kw).
         block_size: block size of ``block_diagonal`` factors.
         hierarchical_sizes: (k1, k2) of ``hierarchical`` factors.
-        large_dim_structure: ``"diagonal"`` or ``"block_diagonal"``, for axes over
+        large_dim_structure: {large_dim_names}, for axes over
             ``max_dense_dim``.
         model: optional ``nn.Module`` the parameters belong to. It names layers in
             :meth:`diagnostics` and, with ``share_bias``, lets a layer's weight and bias share one
@@ -383,22 +403,23 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         self._model = model
         self._blocks_cache: tuple[tuple[Any, ...], list[_Block]] | None = None
         self._host_steps: dict[Tensor, int] = {}
+        self._whole_grads = _distributed.WholeGradients()
         super().__init__(params, defaults)
         self._blocks()  # validates shapes and structures now rather than at the first step
 
     # -- validation ---------------------------------------------------------------------------------
     @staticmethod
     def _normalize_group(group: dict[str, Any]) -> None:
-        _check_lr(group["lr"], _OWNER)
-        _check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
-        _check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
-        _check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
-        _check_range("precond_momentum", group["precond_momentum"], _OWNER, 0.0, 1.0)
-        _check_nonnegative("damping", group["damping"], _OWNER)
-        _check_batch_size(group["batch_size"], _OWNER)
-        _check_positive_int("update_freq", group["update_freq"])
-        _check_positive_int("max_dense_dim", group["max_dense_dim"], allow_none=True)
-        _check_positive_int("block_size", group["block_size"])
+        check_lr(group["lr"], _OWNER)
+        check_range("momentum", group["momentum"], _OWNER, 0.0, 1.0)
+        check_nonnegative("weight_decay", group["weight_decay"], _OWNER)
+        check_range("precond_lr", group["precond_lr"], _OWNER, 0.0, math.inf, low_open=True)
+        check_range("precond_momentum", group["precond_momentum"], _OWNER, 0.0, 1.0)
+        check_nonnegative("damping", group["damping"], _OWNER)
+        check_batch_size(group["batch_size"], _OWNER)
+        check_positive_int("update_freq", group["update_freq"], _OWNER)
+        check_positive_int("max_dense_dim", group["max_dense_dim"], _OWNER, allow_none=True)
+        check_positive_int("block_size", group["block_size"], _OWNER)
         sizes = group["hierarchical_sizes"]
         if not (
             isinstance(sizes, (tuple, list))
@@ -409,12 +430,12 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 f"{_OWNER}: hierarchical_sizes must be a pair of positive integers, got {sizes!r}"
             )
         group["hierarchical_sizes"] = tuple(sizes)
-        if group["large_dim_structure"] not in ("diagonal", "block_diagonal"):
+        if group["large_dim_structure"] not in LARGE_DIM_STRUCTURES:
             raise ValueError(
-                f"{_OWNER}: large_dim_structure must be 'diagonal' or 'block_diagonal', got "
-                f"{group['large_dim_structure']!r}"
+                f"{_OWNER}: large_dim_structure must be {' or '.join(map(repr, LARGE_DIM_STRUCTURES))}, "
+                f"got {group['large_dim_structure']!r}"
             )
-        _check_lr_units(group.get("lr_units", "paper"), _OWNER)
+        check_lr_units(group.get("lr_units", "paper"), _OWNER)
         for flag in ("merge_dims", "share_bias"):
             if not isinstance(group[flag], bool):
                 raise TypeError(f"{_OWNER}: {flag} must be True or False, got {group[flag]!r}")
@@ -430,13 +451,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         group = self.param_groups[-1]
         try:
             for p in group["params"]:
-                if p.is_complex():
-                    raise TypeError(
-                        f"{_OWNER} does not support complex parameters (got one of dtype {p.dtype} and "
-                        f"shape {tuple(p.shape)}); optimize torch.view_as_real(p) instead"
-                    )
-                if not p.is_floating_point():
-                    raise TypeError(f"{_OWNER} optimizes floating-point parameters, got dtype {p.dtype}")
+                check_param(p, _OWNER)
             self._normalize_group(group)
             if self._blocks_cache is not None:
                 self._blocks_cache = None
@@ -454,16 +469,17 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         )
 
     def _blocks(self) -> list[_Block]:
+        """The blocks of the current groups (cached while the groups' parameters and
+        preconditioner options stay the same)."""
         key = self._group_key()
         if self._blocks_cache is not None and self._blocks_cache[0] == key:
             return self._blocks_cache[1]
-        blocks, group_of = self._layout(self.param_groups)
+        blocks = self._layout(self.param_groups)
         self._blocks_cache = (key, blocks)
-        self._group_map = group_of
         return blocks
 
-    def _layout(self, param_groups: list[dict[str, Any]]) -> tuple[list[_Block], dict[Tensor, Any]]:
-        """The blocks of these (normalized) groups, and each parameter's group."""
+    def _layout(self, param_groups: list[dict[str, Any]]) -> list[_Block]:
+        """The blocks of these (normalized) groups."""
         group_of = {p: g for g in param_groups for p in g["params"]}
         names = {}
         pairs: dict[Tensor, tuple[Tensor, bool]] = {}  # weight -> (bias, weight stored (in, out))
@@ -478,8 +494,9 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     continue
                 bias, transposed = pairs.get(p, (None, False))
                 members = [p] if bias is None else [p, bias]
-                blocks.append(self._make_block(members, group, names.get(p), transposed))
-        return blocks, group_of
+                groups = [group_of[m] for m in members]
+                blocks.append(self._make_block(members, groups, names.get(p), transposed))
+        return blocks
 
     def _weight_bias_pairs(self, group_of: dict[Tensor, dict[str, Any]]) -> dict[Tensor, tuple[Tensor, bool]]:
         """Layers whose weight and bias share a block: Linear, Conv1d/2d/3d, and transformers'
@@ -505,32 +522,32 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         return pairs
 
     def _make_block(
-        self, members: list[Tensor], group: dict[str, Any], name: str | None, transposed: bool = False
+        self, members: list[Tensor], groups: list[dict[str, Any]], name: str | None, transposed: bool = False
     ) -> _Block:
-        owner = members[0]
+        owner, group = members[0], groups[0]
         if len(members) == 2 and transposed:  # weight (in, out), bias as a last column: (out, in + 1)
             dims = (owner.shape[1], owner.shape[0] + 1)
         elif len(members) == 2:  # weight (out, …), bias as a last column
             dims = (owner.shape[0], owner[0].numel() + 1)
         else:
             dims = preconditioned_shape(owner.shape, group["merge_dims"], group["max_dense_dim"])
-        names = _structures_for(group["structures"], len(dims))
-        limit = group["max_dense_dim"]
-        structures = []
-        for d, struct in zip(dims, names):
-            if limit is not None and d > limit and struct not in ("diagonal", group["large_dim_structure"]):
-                struct = group["large_dim_structure"]
-            structures.append(
-                make_structure(
-                    struct, d, block_size=group["block_size"], hierarchical_sizes=group["hierarchical_sizes"]
-                )
+        structures = [
+            make_structure(
+                kind,
+                d,
+                block_size=group["block_size"],
+                hierarchical_sizes=group["hierarchical_sizes"],
+                max_dense_dim=group["max_dense_dim"],
+                large_dim_structure=group["large_dim_structure"],
             )
+            for d, kind in zip(dims, _structures_for(group["structures"], len(dims)))
+        ]
         if group["precond_dtype"] is not None:
             dtype = group["precond_dtype"]
         else:
             dtype = torch.float64 if owner.dtype == torch.float64 else torch.float32
         hyper = tuple(repr(group[k]) for k in _PRECOND_KEYS)
-        return _Block(members, dims, tuple(structures), dtype, hyper, name, transposed)
+        return _Block(members, groups, dims, tuple(structures), dtype, hyper, name, transposed)
 
     # -- state ------------------------------------------------------------------------------------------
     def _init_block_state(self, block: _Block) -> None:
@@ -538,7 +555,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         if "factor_0" in state or block.empty:
             return
         device = block.owner.device
-        group = self._group_of(block.owner)
+        group = block.group
         for n, struct in enumerate(block.structures):
             state[f"factor_{n}"] = struct.eye(1, block.dtype, device)[0]
             if group["precond_momentum"] != 0:
@@ -546,13 +563,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if block.dtype in (torch.bfloat16, torch.float16):
                 # what rounding K to 8 (or 11) bits dropped: small late updates would be lost
                 state[f"factor_residual_{n}"] = struct.zeros(1, block.dtype, device)[0]
-            if _cache_kkt(struct, block.dims, n, group["update_freq"]):
+            if block.caches_kkt(n, group["update_freq"]):
                 state[f"precond_{n}"] = struct.kkt(state[f"factor_{n}"].unsqueeze(0))[0].contiguous()
         state["precond_scale"] = torch.ones((), dtype=_scalar_dtype(block.dtype), device=device)
         state["skipped_factor_updates"] = torch.zeros((), dtype=torch.int64, device=device)
-
-    def _group_of(self, param: Tensor) -> dict[str, Any]:
-        return self._group_map[param]  # valid after self._blocks(), which step() calls first
 
     @staticmethod
     def _buffer_dtype(param: Tensor) -> torch.dtype:
@@ -578,7 +592,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 expected[f"factor_momentum_{n}"] = shape
             if block.dtype in (torch.bfloat16, torch.float16):
                 expected[f"factor_residual_{n}"] = shape
-            if _cache_kkt(struct, block.dims, n, group["update_freq"]):
+            if block.caches_kkt(n, group["update_freq"]):
                 expected[f"precond_{n}"] = tuple(struct.kkt(struct.zeros(1, torch.float32, meta))[0].shape)
         expected["precond_scale"] = ()
         expected["skipped_factor_updates"] = ()
@@ -588,11 +602,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         """Per parameter ``step`` and ``momentum_buffer``; per block (on its first parameter) the
         factor state of the block layout the loaded groups give, complete and of its shapes."""
         params = [p for group in groups for p in group["params"]]
-        blocks, group_of = self._layout(groups)
-        owners = {b.owner: b for b in blocks if not b.empty}
+        owners = {b.owner: b for b in self._layout(groups) if not b.empty}
         for index, (param, state) in enumerate(zip(params, states)):
             block = owners.get(param)
-            expected = self._expected_block_state(block, group_of[param]) if block is not None else {}
+            expected = self._expected_block_state(block, block.group) if block is not None else {}
             self._check_known_keys(index, param, state, ("step", "momentum_buffer", *expected))
             if "step" in state:
                 self._check_step(index, param, state["step"])
@@ -633,13 +646,22 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         self.__dict__.setdefault("_model", None)
         self.__dict__.setdefault("_blocks_cache", None)
         self.__dict__.setdefault("_host_steps", {})
+        self.__dict__.setdefault("_whole_grads", _distributed.WholeGradients())
         for group in self.param_groups:  # pickles from before lr_units: the paper's update
             group.setdefault("lr_units", "paper")
 
-    # -- step --------------------------------------------------------------------------------------------
+    # -- step: blocks → factor update → precondition → parameter update ---------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (a factor update first, when one is due).
+        """Perform one optimization step, the update of the class docstring for every block:
+
+        1. blocks (:meth:`_active_blocks`): the parameters that share one preconditioner, with a
+           gradient G, and those whose factors are due (steps 0, T, 2T, …);
+        2. factor update (:meth:`_update_factors`): m_n and K_n of the due blocks;
+        3. precondition (:meth:`_precondition`): P = G ×_1 (K_1K_1ᵀ) … ×_N (K_NK_Nᵀ);
+        4. parameter update (:meth:`_update_parameters`): b ← α1·b + P;  µ ← µ − β1·b.
+
+        Steps 2 and 3 run in :meth:`_factor_and_precondition`, which may share them across ranks.
 
         Args:
             closure: an optional callable that re-evaluates the model and returns the loss.
@@ -648,28 +670,33 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        blocks = self._blocks()
+        active, due = self._active_blocks()
+        with self._whole_grads.gathered([p for b in active for p in b.params]):
+            updates = self._factor_and_precondition(active, due)
+        self._update_parameters(updates)
+        return loss
+
+    def _active_blocks(self) -> tuple[list[_Block], list[_Block]]:
+        """The blocks with a gradient, and those of them whose factor update is due (their state
+        is created here on their first step)."""
         # Check every gradient before touching any state: bad input must not leave a half step.
         active = []
-        for block in blocks:
+        for block in self._blocks():
             present = [p for p in block.params if p.grad is not None]
             if not present:
                 continue
             for p in present:
-                self._check_grad(p)
+                check_grad(p, _OWNER)
             active.append(block)
         due: list[_Block] = []
         for block in active:
             if block.empty:
                 continue
             self._init_block_state(block)
-            group = self._group_of(block.owner)
+            group = block.group
             if self._host_step(block.owner) % group["update_freq"] == 0:
                 due.append(block)
-        with _gathered_gradients([p for b in active for p in b.params]):
-            updates = self._factor_and_precondition(active, due)
-        self._update_parameters(updates)
-        return loss
+        return active, due
 
     def _factor_and_precondition(self, active: list[_Block], due: list[_Block]) -> dict[Tensor, Tensor]:
         """Update the due factors, then precondition every active gradient; returns each
@@ -686,10 +713,11 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         is_due = {id(b) for b in due}
 
         def cost(block: _Block) -> float:
-            return _precondition_cost(block) + (_block_cost(block) if id(block) in is_due else 0.0)
+            return block.precondition_cost() + (block.factor_update_cost() if id(block) in is_due else 0.0)
 
-        share = _share(work, self.defaults["distributed"], cost)
-        mine = work if share is None else [b for b, owner in zip(work, share) if owner == dist.get_rank()]
+        share = _distributed.share(work, self.defaults["distributed"], cost)
+        mine = work if share is None else [b for b, owner in zip(work, share) if owner == _distributed.rank()]
+        # the factor update of the due blocks, batched by shape
         buckets: dict[tuple[Any, ...], list[_Block]] = {}
         for block in mine:
             if id(block) in is_due:
@@ -697,6 +725,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         for bucket in buckets.values():
             self._update_factors(bucket)
 
+        # preconditioning every block, small ones batched by shape
         full: dict[Tensor, Tensor] = {}
         batches: dict[tuple[Any, ...], list[_Block]] = {}
         for block in mine:
@@ -707,15 +736,17 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         for bucket in batches.values():
             self._precondition(bucket, full)
 
-        if share is not None:
-            for rank in range(dist.get_world_size()):
+        if share is not None:  # each owner sends its results to the other ranks
+            for rank in range(_distributed.world_size()):
                 owned = [b for b, owner in zip(work, share) if owner == rank]
                 if owned:
                     self._exchange(owned, [b for b in owned if id(b) in is_due], full, src=rank)
-        updates = {p: _local_part(u, p) for p, u in full.items()}
+        updates = {p: _distributed.local_part(u, p) for p, u in full.items()}
         for block in active:
             if block.empty:
-                updates.update({p: torch.zeros_like(_local(p)) for p in block.params if p.grad is not None})
+                for p in block.params:  # nothing to precondition: a zero step
+                    if p.grad is not None:
+                        updates[p] = torch.zeros_like(_distributed.local(p))
         return updates
 
     def _exchange(
@@ -730,26 +761,24 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if key.startswith(("factor_", "precond_")) or key == "skipped_factor_updates"
         ]
         params = [p for b in owned for p in b.params if p.grad is not None]
-        if dist.get_rank() == src:
+        if _distributed.rank() == src:
             for p in params:
                 full[p] = full[p].contiguous()
         else:
             dtype = {p: torch.promote_types(b.dtype, _scalar_dtype(b.dtype)) for b in owned for p in b.params}
             full.update({p: torch.empty(p.shape, dtype=dtype[p], device=p.device) for p in params})
-        _broadcast_in_place([*tensors, *(full[p] for p in params)], src)
+        _distributed.broadcast_in_place([*tensors, *(full[p] for p in params)], src)
 
-    def _check_grad(self, p: Tensor) -> None:
-        grad = p.grad
-        if grad.is_sparse:
-            raise RuntimeError(
-                f"{_OWNER} does not support sparse gradients (parameter of shape {tuple(p.shape)}); use "
-                "dense gradients, e.g. nn.Embedding(sparse=False)"
-            )
-        if grad.dtype != p.dtype or grad.shape != p.shape:
-            raise RuntimeError(
-                f"{_OWNER}: a gradient of dtype {grad.dtype} and shape {tuple(grad.shape)} does not match "
-                f"its parameter ({p.dtype}, {tuple(p.shape)})"
-            )
+    def _count_step(self, param: Tensor) -> Tensor:
+        """Count a step on the host mirror; returns the ``step`` tensor (created at 0) to advance."""
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float64)
+            host = 0
+        else:
+            host = self._host_step(param)
+        self._host_steps[param] = host + 1
+        return state["step"]
 
     def _host_step(self, param: Tensor) -> int:
         """The parameter's step count, mirrored on the host so that reading it never syncs."""
@@ -760,8 +789,37 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
     # -- factor update (batched over blocks of one shape) ---------------------------------------------
     def _update_factors(self, bucket: list[_Block]) -> None:
+        r"""The factor update of the class docstring for same-shape blocks, batched::
+
+            H_n    = B · K_nᵀ G_(n) (⊗_{j≠n} K_j K_jᵀ / d_j) G_(n)ᵀ K_n
+            step_n = ½·[H_n + λ·(Π_{j≠n} tr(K_jᵀK_j)/d_j)·K_nᵀK_n − I]    (projected)
+            m_n   ← α2·m_n + (1 − α2)·step_n
+            K_n   ← K_n − (β2 / max(1, ‖m_n‖_F))·K_n·m_n
+
+        Every tensor has a leading batch axis (one entry per block); axis ``a`` is the paper's n.
+        As the reference package does, K_n enters the products rescaled to K_n/√d_n:
+
+        ================  ===========================================================================
+        name              symbol
+        ================  ===========================================================================
+        ``grad``          G (each block's, stacked)
+        ``scaled[a]``     K_n/√d_n
+        ``gk``            √B · G ×_1 (K_1/√d_1)ᵀ … ×_N (K_N/√d_N)ᵀ; its mode-n unfolding X_n has
+                          X_n X_nᵀ = H_n/d_n, so ``gram_scale`` d_n/2 makes ½·H_n
+        ``traces[a]``     tr(K_nᵀK_n)/d_n² (‖K‖²_F: every projection keeps the diagonal)
+        ``others``        Π_{j≠n} tr(K_jᵀK_j)/d_j², so ``inner_scale`` (λ/2·Π_j d_j)·``others``
+                          times K_nᵀK_n/d_n makes ½·λ·(Π_{j≠n} tr(K_jᵀK_j)/d_j)·K_nᵀK_n
+        ``momentum``      the new m_n = α2·m_n + (1 − α2)·step_n
+        ``norm``          max(1, ‖m_n‖_F)
+        ``factor``        the new K_n = K_n − (β2/``norm``)·K_n·m_n
+        ================  ===========================================================================
+
+        A block whose gradient or new state is not finite keeps its old state (counted in
+        ``skipped_factor_updates``). The cache K_nK_nᵀ (K_n rescaled by the root of its largest
+        entry, the product of those scales squared kept in ``precond_scale``) is refreshed.
+        """
         first = bucket[0]
-        group = self._group_of(first.owner)
+        group = first.group
         dims, structures, dtype = first.dims, first.structures, first.dtype
         n_axes, size = len(dims), math.prod(dims)
         alpha2, beta2, lam = group["precond_momentum"], group["precond_lr"], group["damping"]
@@ -769,7 +827,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         scalar = _scalar_dtype(dtype)  # scalars of bf16/fp16 factors are kept in float32
 
         # Stacked (a view for a single block): the state is only written at the end.
-        grad = _stack([b.gradient() for b in bucket]).to(dtype)
+        grad = _stack([b.gradient(self._whole_grads) for b in bucket]).to(dtype)
         ok = _all_finite(grad)
         factors = [_stack([s[f"factor_{a}"] for s in states]) for a in range(n_axes)]
         momenta = [None] * n_axes
@@ -843,10 +901,15 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
     def _precondition(self, bucket: list[_Block], updates: dict[Tensor, Tensor]) -> None:
         """P = G ×_1 (K_1K_1ᵀ) … ×_N (K_NK_Nᵀ) for blocks of one shape; fills ``updates`` with
-        whole-tensor updates (a DTensor parameter's shard is taken later)."""
+        whole-tensor updates (a DTensor parameter's shard is taken later).
+
+        Each axis uses its cached K_nK_nᵀ (``precond_n``, made from K_n rescaled; the product of
+        the scales, ``precond_scale``, is multiplied back at the end) or else K_n(K_nᵀ X). P is
+        split back into the block's parameters and, with ``lr_units="adamw"``, rescaled.
+        """
         first = bucket[0]
         states = [self.state[b.owner] for b in bucket]
-        grad = _stack([b.gradient() for b in bucket]).to(first.dtype)
+        grad = _stack([b.gradient(self._whole_grads) for b in bucket]).to(first.dtype)
         for a, struct in enumerate(first.structures):
             if f"precond_{a}" in states[0]:
                 grad = _mode(struct.apply_kkt_batch, _stack([s[f"precond_{a}"] for s in states]), grad, a)
@@ -856,11 +919,11 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         scale = _stack([s["precond_scale"] for s in states])
         grad = grad * _bcast(scale, grad)  # bf16 factors: the product is float32, like the scale
         for block, update in zip(bucket, grad.unbind(0)):
-            for p, part in zip(block.params, block.split(update)):
+            for p, group, part in zip(block.params, block.groups, block.split(update)):
                 if p.grad is not None:  # the whole tensor's update, also for a DTensor parameter
-                    updates[p] = self._in_adamw_units(p, part)
+                    updates[p] = self._in_adamw_units(group, part)
 
-    def _in_adamw_units(self, p: Tensor, update: Tensor) -> Tensor:
+    def _in_adamw_units(self, group: dict[str, Any], update: Tensor) -> Tensor:
         """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for one parameter (else P as is).
 
         The heavy ball then sums to an RMS of 1 for a steady direction and ≈ 0.23 for pure
@@ -868,7 +931,6 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         runs where the preconditioned gradient is made (by its owner under ``distributed``), on
         the whole tensor, so every rank and one process get the same numbers.
         """
-        group = self._group_of(p)
         if group["lr_units"] != "adamw":
             return update
         dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
@@ -877,24 +939,22 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         return (update.to(dtype) * (gain / norm)).to(update.dtype)
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
-        """b ← α1·b + (P + κ·µ);  µ ← µ − β1·b, with foreach ops per group where dtypes allow."""
+        """The parameter update from each parameter's preconditioned step P (``updates``):
+        b ← α1·b + (P + κ·µ);  µ ← µ − β1·b (``lr_units="paper"``), or with decoupled decay
+        µ ← µ·(1 − β1·κ), then b ← α1·b + P;  µ ← µ − β1·b (``"adamw"``, P already rescaled).
+
+        b is ``momentum_buffer``, µ the parameter; foreach ops per group where dtypes allow.
+        """
         for group in self.param_groups:
             params = [p for p in group["params"] if p in updates]
             if not params:
                 continue
-            steps = []
-            for p in params:
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float64)
-                    self._host_steps[p] = 0
-                self._host_steps[p] = self._host_step(p) + 1
-                steps.append(state["step"])
+            steps = [self._count_step(p) for p in params]
             torch._foreach_add_(steps, 1.0)  # CPU tensors: no device sync
             # a tensor lr is a CPU tensor (checked): reading it does not sync a device
             lr, momentum, decay = float(group["lr"]), group["momentum"], group["weight_decay"]
             if group["lr_units"] == "adamw" and decay != 0:  # decoupled, as AdamW: µ ← µ·(1 − η·κ)
-                torch._foreach_mul_([_local(p) for p in params], 1.0 - lr * decay)
+                torch._foreach_mul_([_distributed.local(p) for p in params], 1.0 - lr * decay)
                 decay = 0.0
             fast, slow = [], []
             for p in params:
@@ -904,22 +964,22 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             if fast:
                 # the updates are fresh tensors (products above), so they may be overwritten
                 grads = [updates[p] for p in fast]
-                local = [_local(p) for p in fast]
+                local = [_distributed.local(p) for p in fast]
                 if decay != 0:
                     torch._foreach_add_(grads, local, alpha=decay)
                 if momentum != 0:
-                    buffers = [_local(self._momentum_buffer(p)) for p in fast]
+                    buffers = [_distributed.local(self._momentum_buffer(p)) for p in fast]
                     torch._foreach_mul_(buffers, momentum)
                     torch._foreach_add_(buffers, grads)
                     grads = buffers
                 torch._foreach_add_(local, grads, alpha=-lr)
             for p in slow:  # low-precision parameters or factors: compute in the buffer's dtype
                 update = updates[p].to(self._buffer_dtype(p))
-                local = _local(p)
+                local = _distributed.local(p)
                 if decay != 0:
                     update.add_(local, alpha=decay)
                 if momentum != 0:
-                    update = _local(self._momentum_buffer(p)).mul_(momentum).add_(update)
+                    update = _distributed.local(self._momentum_buffer(p)).mul_(momentum).add_(update)
                 local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
@@ -982,7 +1042,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             block_skipped = int(state["skipped_factor_updates"])
             skipped += block_skipped
             steps = self._host_step(block.owner)
-            attempts = (steps - 1) // self._group_of(block.owner)["update_freq"] + 1 if steps else 0
+            attempts = (steps - 1) // block.group["update_freq"] + 1 if steps else 0
             if block_skipped >= _SKIP_WARN_MIN and 2 * block_skipped >= attempts:
                 stuck.append((block, block_skipped, attempts))
             value = float(state["precond_scale"])
@@ -992,7 +1052,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     factor = state[f"factor_{a}"].double().unsqueeze(0)
                     value *= float(struct.frobenius_norm(factor)[0] ** 2 / struct.dim)
                 else:
-                    value *= float(_kkt_average_trace(struct, cached.double()))
+                    value *= float(struct.kkt_average_trace(cached.double().unsqueeze(0))[0])
             traces.append(value)
         if stuck and not self.__dict__.get("_warned_skips"):
             self._warned_skips = True
@@ -1022,130 +1082,6 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _cache_kkt(struct: Structure, dims: tuple[int, ...], axis: int, update_freq: int) -> bool:
-    """Keep K Kᵀ between factor updates when that is cheaper than applying K twice per step.
-
-    Diagonal and block-diagonal K Kᵀ cost as much as K itself. A dense d × d cache costs one d³
-    product per factor update and saves d²·r per step (r: the tensor's size over d), so it pays
-    when d³/T < d²·r, i.e. d < T·r: not for the vocabulary axis of an embedding updated often.
-    """
-    if struct.name in ("diagonal", "block_diagonal"):
-        return True
-    rest = math.prod(dims) // dims[axis]
-    return dims[axis] < update_freq * rest
-
-
-def _kkt_average_trace(struct: Structure, q: Tensor) -> Tensor:
-    if q.dim() == 1:  # diagonal K Kᵀ
-        return q.mean()
-    if q.dim() == 3:  # block diagonal
-        return q.diagonal(dim1=-2, dim2=-1).sum() / struct.dim
-    return q.diagonal().sum() / struct.dim
-
-
-# ---------------------------------------------------------------------------------------------
-# Several processes: DTensor (FSDP2) parameters and the factor work split across ranks
-# ---------------------------------------------------------------------------------------------
-
-_GATHERED: dict[int, Tensor] = {}
-
-
-@contextlib.contextmanager
-def _gathered_gradients(params: list[Tensor]):
-    """All-gather the DTensor (FSDP2) gradients once per step, in the same order on every rank.
-
-    FSDP2 leaves each rank a shard of the averaged gradient. SIRFShampoo preconditions the whole
-    tensor (the "gather" strategy: the same math as one process, with replicated factors), so the
-    shards are gathered here, before any rank-dependent work could reorder the collectives.
-    """
-    for p in params:
-        if isinstance(p.grad, DTensor):
-            _GATHERED[id(p.grad)] = p.grad.full_tensor()
-    try:
-        yield
-    finally:
-        _GATHERED.clear()
-
-
-def _full(t: Tensor) -> Tensor:
-    if isinstance(t, DTensor):
-        return _GATHERED[id(t)] if id(t) in _GATHERED else t.full_tensor()
-    return t
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _local_part(update: Tensor, param: Tensor) -> Tensor:
-    """This rank's shard of a whole-tensor update of a DTensor parameter (no communication)."""
-    if not isinstance(param, DTensor):
-        return update
-    mesh = param.device_mesh
-    whole = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return whole.redistribute(mesh, param.placements).to_local()
-
-
-def _block_cost(block: _Block) -> float:
-    """Rough flops of one factor update: O(d³) per dense-like axis (d·b² blocked, 0 diagonal)
-    plus the products with the gradient, which cost what preconditioning it does."""
-    cubic = 0.0
-    for d, struct in zip(block.dims, block.structures):
-        if struct.name == "block_diagonal":
-            cubic += d * struct.block**2
-        elif struct.name != "diagonal":
-            cubic += d**3
-    return cubic + _precondition_cost(block)
-
-
-def _precondition_cost(block: _Block) -> float:
-    """Rough flops of preconditioning one block's gradient: numel·d per dense-like axis."""
-    numel = math.prod(block.dims)
-    cost = 0.0
-    for d, struct in zip(block.dims, block.structures):
-        if struct.name == "diagonal":
-            cost += numel
-        elif struct.name == "block_diagonal":
-            cost += numel * struct.block
-        else:
-            cost += numel * d
-    return cost
-
-
-def _share(
-    blocks: list[_Block], flag: bool | None, cost: Callable[[_Block], float] = _block_cost
-) -> list[int] | None:
-    """The rank that does each block's work (largest ``cost`` first onto the least loaded rank),
-    or None when the work is not split."""
-    if flag is False or not blocks or not (dist.is_available() and dist.is_initialized()):
-        return None
-    world = dist.get_world_size()
-    if world < 2:
-        return None
-    costs = [cost(b) for b in blocks]
-    load, owner = [0.0] * world, [0] * len(blocks)
-    for i in sorted(range(len(blocks)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[i] = rank
-        load[rank] += costs[i]
-    return owner
-
-
-def _broadcast_in_place(tensors: list[Tensor], src: int) -> None:
-    """Broadcast contiguous ``tensors`` from ``src`` into the same-shaped ones of every other
-    rank, as one byte buffer (any dtypes mixed; works with gloo)."""
-    flat = [t.reshape(-1).view(torch.uint8) for t in tensors]  # views of contiguous tensors
-    sizes = [f.numel() for f in flat]
-    if dist.get_rank() == src:
-        buffer = torch.cat(flat)
-    else:
-        buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=tensors[0].device)
-    dist.broadcast(buffer, src=src)
-    if dist.get_rank() != src:
-        for view, chunk in zip(flat, buffer.split(sizes)):
-            view.copy_(chunk)
 
 
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -1189,4 +1125,9 @@ def _bcast(scale: Tensor, x: Tensor) -> Tensor:
 _BATCH_NUMEL = 1 << 16
 
 
-SIRFShampoo.__doc__ = SIRFShampoo.__doc__.replace("{batch_help}", _BATCH_SIZE_HELP)
+# one list of structure names: the registry's
+SIRFShampoo.__doc__ = (
+    SIRFShampoo.__doc__.replace("{batch_help}", BATCH_SIZE_HELP)
+    .replace("{structure_names}", ", ".join(f"``{name}``" for name in STRUCTURES))
+    .replace("{large_dim_names}", " or ".join(f'``"{name}"``' for name in LARGE_DIM_STRUCTURES))
+)

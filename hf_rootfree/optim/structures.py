@@ -28,31 +28,65 @@ off-diagonal block kept only on one side of the diagonal takes the contribution 
 (hierarchical B and D are ``2·S``; a triangular Toeplitz entry is the mean over both the lower and
 the upper diagonal at that offset, summed). For ``dense`` it is the identity. The momentum m of a
 structured factor lives in the same storage as the factor.
+
+Each structure also owns what the optimizer needs to plan its work: the cost of a factor update
+and of applying a factor (:meth:`Structure.factor_update_cost`, :meth:`Structure.apply_cost`),
+whether to keep K Kᵀ between factor updates (:meth:`Structure.caches_kkt`) and the average trace
+of that cache (:meth:`Structure.kkt_average_trace`). :data:`STRUCTURES` maps each name to its
+class; :func:`make_structure` builds one from a name.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["STRUCTURES", "Structure", "make_structure"]
-
-#: names accepted in ``structures=`` and ``large_dim_structure=``
-STRUCTURES = ("dense", "diagonal", "block_diagonal", "hierarchical", "tril_toeplitz", "triu_toeplitz")
+__all__ = ["LARGE_DIM_STRUCTURES", "STRUCTURES", "Structure", "make_structure"]
 
 
 class Structure:
     """Operations on a batch of structured d × d matrices (storage with a leading batch axis)."""
 
-    name = ""
+    #: the name accepted in ``structures=`` (the key of :data:`STRUCTURES`)
+    name: ClassVar[str] = ""
+    #: storage and products cost O(d) per row: allowed as ``large_dim_structure``
+    for_large_dims: ClassVar[bool] = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
 
+    @classmethod
+    def create(cls, dim: int, *, block_size: int, hierarchical_sizes: tuple[int, int]) -> Structure:
+        """The structure for a d × d factor, taking the options it uses."""
+        return cls(dim)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim})"
+
+    # -- planning: costs and the K Kᵀ cache --------------------------------------------------------
+    def factor_update_cost(self) -> float:
+        """Rough flops of a factor update beyond the products with the gradient: d³."""
+        return self.dim**3
+
+    def apply_cost(self, numel: int) -> float:
+        """Rough flops of applying K (or K Kᵀ) along this axis of a tensor of ``numel`` elements."""
+        return numel * self.dim
+
+    def caches_kkt(self, rest: int, update_freq: int) -> bool:
+        """Keep K Kᵀ between factor updates when that is cheaper than applying K twice per step.
+
+        ``rest``: the size of the tensor over d; ``update_freq``: T. A dense d × d cache costs one
+        d³ product per factor update and saves d²·r per step, so it pays when d³/T < d²·r, i.e.
+        d < T·r: not for the vocabulary axis of an embedding updated often.
+        """
+        return self.dim < update_freq * rest
+
+    def kkt_average_trace(self, q: Tensor) -> Tensor:
+        """tr(K Kᵀ)/d from a batch of :meth:`kkt` results, shape (n,)."""
+        return q.diagonal(dim1=-2, dim2=-1).sum(-1) / self.dim
 
     # -- storage ----------------------------------------------------------------------------------
     def storage_shape(self) -> tuple[int, ...]:
@@ -90,10 +124,6 @@ class Structure:
         """K·X (or Kᵀ·X) for X of shape (n, d, r)."""
         dense = self.to_dense(t)
         return (dense.mT if transpose else dense) @ x
-
-    def average_trace(self, t: Tensor) -> Tensor:
-        """tr(K)/d, shape (n,)."""
-        return self.to_dense(t).diagonal(dim1=-2, dim2=-1).sum(-1) / self.dim
 
     def frobenius_norm(self, t: Tensor) -> Tensor:
         """‖K‖_F, shape (n,)."""
@@ -135,21 +165,13 @@ class Structure:
 
     # -- the cached preconditioner K Kᵀ ----------------------------------------------------------
     def kkt(self, t: Tensor) -> Tensor:
-        """K Kᵀ in the form :meth:`apply_kkt` uses (dense (n, d, d) unless said otherwise)."""
+        """K Kᵀ in the form :meth:`apply_kkt_batch` uses (dense (n, d, d) unless said otherwise)."""
         dense = self.to_dense(t)
         return dense @ dense.mT
 
     def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         """A batch of :meth:`kkt` results (n, …) times X (n, d, r); K Kᵀ is symmetric."""
         return q @ x
-
-    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
-        """Multiply one ``q`` (an entry of :meth:`kkt`) onto axis ``axis`` of the tensor ``x``."""
-        if axis == x.ndim - 1:
-            return x @ q.mT
-        moved = x.movedim(axis, 0)
-        out = q @ moved.reshape(self.dim, -1)
-        return out.reshape(moved.shape).movedim(0, axis)
 
 
 class Dense(Structure):
@@ -203,6 +225,7 @@ class Dense(Structure):
 
 class Diagonal(Structure):
     name = "diagonal"
+    for_large_dims = True
 
     def storage_shape(self) -> tuple[int, ...]:
         return (self.dim,)
@@ -225,9 +248,6 @@ class Diagonal(Structure):
     def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return t.unsqueeze(-1) * x
 
-    def average_trace(self, t: Tensor) -> Tensor:
-        return t.mean(-1)
-
     def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
         return t.add_(alpha)
 
@@ -237,22 +257,34 @@ class Diagonal(Structure):
     def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return q.unsqueeze(-1) * x
 
-    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
-        shape = [1] * x.ndim
-        shape[axis] = self.dim
-        return x * q.reshape(shape)
+    def factor_update_cost(self) -> float:
+        return 0
+
+    def apply_cost(self, numel: int) -> float:
+        return numel
+
+    def caches_kkt(self, rest: int, update_freq: int) -> bool:
+        return True  # K Kᵀ costs as much as K
+
+    def kkt_average_trace(self, q: Tensor) -> Tensor:
+        return q.mean(-1)
 
 
 class BlockDiagonal(Structure):
     """b × b blocks on the diagonal; a last, partial block is zero-padded to b × b."""
 
     name = "block_diagonal"
+    for_large_dims = True
 
     def __init__(self, dim: int, block_size: int) -> None:
         super().__init__(dim)
         self.block = min(block_size, dim)
         self.blocks = -(-dim // self.block)
         self.pad = self.blocks * self.block - dim
+
+    @classmethod
+    def create(cls, dim: int, *, block_size: int, hierarchical_sizes: tuple[int, int]) -> Structure:
+        return cls(dim, block_size)
 
     def __repr__(self) -> str:
         return f"BlockDiagonal(dim={self.dim}, block_size={self.block})"
@@ -294,9 +326,6 @@ class BlockDiagonal(Structure):
     def apply(self, t: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return self._join_rows((t.mT if transpose else t) @ self._split_rows(x))
 
-    def average_trace(self, t: Tensor) -> Tensor:
-        return t.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / self.dim
-
     def add_identity_(self, t: Tensor, alpha: float) -> Tensor:
         diagonal = t.diagonal(dim1=-2, dim2=-1)  # (n, blocks, b); the padding must stay zero
         if self.pad:
@@ -312,10 +341,17 @@ class BlockDiagonal(Structure):
     def apply_kkt_batch(self, q: Tensor, x: Tensor, transpose: bool = False) -> Tensor:
         return self.apply(q, x)
 
-    def apply_kkt(self, q: Tensor, x: Tensor, axis: int) -> Tensor:
-        moved = x.movedim(axis, 0)
-        flat = moved.reshape(1, self.dim, -1)
-        return self.apply(q.unsqueeze(0), flat).reshape(moved.shape).movedim(0, axis)
+    def factor_update_cost(self) -> float:
+        return self.dim * self.block**2
+
+    def apply_cost(self, numel: int) -> float:
+        return numel * self.block
+
+    def caches_kkt(self, rest: int, update_freq: int) -> bool:
+        return True  # K Kᵀ costs as much as K
+
+    def kkt_average_trace(self, q: Tensor) -> Tensor:
+        return q.diagonal(dim1=-2, dim2=-1).sum((-2, -1)) / self.dim
 
 
 @functools.lru_cache(maxsize=64)
@@ -357,9 +393,6 @@ class TrilToeplitz(Structure):
         # of a·b is a·(first column of b)
         return (self._lower_dense(a) @ b.unsqueeze(-1)).squeeze(-1)
 
-    def average_trace(self, t: Tensor) -> Tensor:
-        return t[:, 0].clone()
-
     def frobenius_norm(self, t: Tensor) -> Tensor:
         length = torch.arange(self.dim, 0, -1, dtype=t.dtype, device=t.device)
         return (t * t * length).sum(-1).sqrt()
@@ -377,8 +410,8 @@ class TriuToeplitz(TrilToeplitz):
     def to_dense(self, t: Tensor) -> Tensor:
         return self._lower_dense(t).mT
 
-    # project, matmul (products of transposes commute), traces and norms are those of the
-    # transposed lower-triangular matrix.
+    # project, matmul (products of transposes commute) and norms are those of the transposed
+    # lower-triangular matrix.
 
 
 class Hierarchical(Structure):
@@ -399,6 +432,10 @@ class Hierarchical(Structure):
         self.k1 = min(sizes[0], dim)
         self.k2 = min(sizes[1], dim - self.k1)
         self.middle = dim - self.k1 - self.k2
+
+    @classmethod
+    def create(cls, dim: int, *, block_size: int, hierarchical_sizes: tuple[int, int]) -> Structure:
+        return cls(dim, tuple(hierarchical_sizes))
 
     def __repr__(self) -> str:
         return f"Hierarchical(dim={self.dim}, k1={self.k1}, k2={self.k2})"
@@ -478,18 +515,30 @@ def _cast_cached(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     return t.to(dtype=dtype, device=device)
 
 
-def make_structure(name: str, dim: int, *, block_size: int = 64, hierarchical_sizes=(16, 16)) -> Structure:
-    """Build the structure ``name`` for a d × d factor (``name`` from :data:`STRUCTURES`)."""
-    if name == "dense":
-        return Dense(dim)
-    if name == "diagonal":
-        return Diagonal(dim)
-    if name == "block_diagonal":
-        return BlockDiagonal(dim, block_size)
-    if name == "hierarchical":
-        return Hierarchical(dim, tuple(hierarchical_sizes))
-    if name == "tril_toeplitz":
-        return TrilToeplitz(dim)
-    if name == "triu_toeplitz":
-        return TriuToeplitz(dim)
-    raise ValueError(f"unknown factor structure {name!r}; choose from {', '.join(STRUCTURES)}")
+#: the structures by name, in the order error messages list them
+STRUCTURES: dict[str, type[Structure]] = {
+    cls.name: cls for cls in (Dense, Diagonal, BlockDiagonal, Hierarchical, TrilToeplitz, TriuToeplitz)
+}
+#: names accepted in ``large_dim_structure=``
+LARGE_DIM_STRUCTURES = tuple(name for name, cls in STRUCTURES.items() if cls.for_large_dims)
+
+
+def make_structure(
+    name: str,
+    dim: int,
+    *,
+    block_size: int = 64,
+    hierarchical_sizes: tuple[int, int] = (16, 16),
+    max_dense_dim: int | None = None,
+    large_dim_structure: str = Diagonal.name,
+) -> Structure:
+    """Build the structure ``name`` (a key of :data:`STRUCTURES`) for a d × d factor.
+
+    An axis longer than ``max_dense_dim`` gets ``large_dim_structure`` instead, unless ``name`` is
+    already that or diagonal (the cheapest).
+    """
+    if name not in STRUCTURES:
+        raise ValueError(f"unknown factor structure {name!r}; choose from {', '.join(STRUCTURES)}")
+    if max_dense_dim is not None and dim > max_dense_dim and name not in (Diagonal.name, large_dim_structure):
+        name = large_dim_structure
+    return STRUCTURES[name].create(dim, block_size=block_size, hierarchical_sizes=hierarchical_sizes)

@@ -12,8 +12,8 @@
 //       b <- m_decay*b + u          (only if a buffer is given; otherwise b = u)
 //       p <- p*p_mul - lr * b
 //
-// coeffs is a float64 CPU tensor of shape [n or 1, 9] with columns
-//   a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
+// coeffs is a float64 CPU tensor of shape [n or 1, 9] whose columns are the fields of the Python
+// NamedTuple `elementwise.Coefficients`, in its order: a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -230,6 +230,112 @@ at::Tensor abs_sums(at::TensorList tensors) {
   return out;
 }
 
+// The two sums of squares that graft a root-free step onto AdamW's step size (lr_units="adamw"),
+// per tensor, from the state *before* the step (nothing is written): with
+//   s' = a*s + c*g^2,   n = m_decay*m + m_gain*g (adam-style) or n = g (heavy ball),
+// row i of the result is
+//   [ sum (n / (k*s' + lam_i))^2,   sum (n / (sqrt(k*s'*inv_b) + eps))^2 ]
+// i.e. the squared norms of the root-free direction and of AdamW's step from the same moments.
+// Element math and sums in float64, over fixed blocks (independent of the number of threads).
+template <typename P, typename S>
+void graft_sum_contiguous(const P* g, const S* m, const S* s, int64_t n, const double* row,
+                          double lam, double inv_b, double eps, bool heavy_ball, double* out) {
+  const double a = row[0], c = row[1], k = row[2], m_decay = row[4], m_gain = row[5];
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(static_cast<size_t>(2 * blocks), 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kSumBlock;
+      const int64_t hi = std::min(n, lo + kSumBlock);
+      double root_free = 0.0, adamw = 0.0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const double gi = static_cast<double>(g[i]);
+        const double si = a * static_cast<double>(s[i]) + c * gi * gi;
+        const double ni = heavy_ball ? gi : m_decay * static_cast<double>(m[i]) + m_gain * gi;
+        const double u = ni / (k * si + lam);
+        const double v = ni / (std::sqrt(k * si * inv_b) + eps);
+        root_free += u * u;
+        adamw += v * v;
+      }
+      partial[static_cast<size_t>(2 * b)] = root_free;
+      partial[static_cast<size_t>(2 * b + 1)] = adamw;
+    }
+  });
+  for (int64_t b = 0; b < blocks; ++b) {
+    out[0] += partial[static_cast<size_t>(2 * b)];
+    out[1] += partial[static_cast<size_t>(2 * b + 1)];
+  }
+}
+
+template <typename P>
+void graft_sum_state(const at::Tensor& g, const at::Tensor* m, const at::Tensor& s, const double* row,
+                     double lam, double inv_b, double eps, bool heavy_ball, double* out) {
+  const P* gp = g.data_ptr<P>();
+  const int64_t n = g.numel();
+#define HF_RF_SUMS(S)                                                                           \
+  graft_sum_contiguous<P, S>(gp, m ? m->data_ptr<S>() : nullptr, s.data_ptr<S>(), n, row, lam, \
+                             inv_b, eps, heavy_ball, out)
+  switch (s.scalar_type()) {
+    case at::kFloat: HF_RF_SUMS(float); break;
+    case at::kDouble: HF_RF_SUMS(double); break;
+    case at::kBFloat16: HF_RF_SUMS(c10::BFloat16); break;
+    case at::kHalf: HF_RF_SUMS(c10::Half); break;
+    default: TORCH_CHECK(false, "hf_rootfree graft_sums: unsupported state dtype ", s.scalar_type());
+  }
+#undef HF_RF_SUMS
+}
+
+at::Tensor graft_sums(at::TensorList grads, at::TensorList bufs, at::TensorList second,
+                      const at::Tensor& coeffs, const at::Tensor& lam, double inv_b, double eps,
+                      bool heavy_ball) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(static_cast<int64_t>(second.size()) == n &&
+                  (heavy_ball || static_cast<int64_t>(bufs.size()) == n),
+              "hf_rootfree graft_sums: grads, buffers and state lists differ in length");
+  TORCH_CHECK(coeffs.scalar_type() == at::kDouble && coeffs.dim() == 2 &&
+                  coeffs.size(1) == kNumCoeffs && (coeffs.size(0) == 1 || coeffs.size(0) == n) &&
+                  coeffs.is_contiguous() && coeffs.device().is_cpu(),
+              "hf_rootfree graft_sums: coeffs must be a contiguous float64 CPU tensor [n or 1, 9]");
+  TORCH_CHECK(lam.scalar_type() == at::kDouble && lam.dim() == 1 && lam.size(0) == n &&
+                  lam.is_contiguous() && lam.device().is_cpu(),
+              "hf_rootfree graft_sums: lam must be a contiguous float64 CPU vector [n]");
+  at::Tensor out = at::zeros({n, 2}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const double* rows = coeffs.data_ptr<double>();
+  const double* lams = lam.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor* m = heavy_ball ? nullptr : &bufs[i];
+    // Read for g.numel() elements: shapes, dtypes and layout checked before memory is touched.
+    TORCH_CHECK(g.device().is_cpu() && second[i].device().is_cpu() && (!m || m->device().is_cpu()),
+                "hf_rootfree graft_sums: CPU tensors only");
+    // (the gradient's shape is its parameter's: checked in Python before any kernel runs)
+    TORCH_CHECK(second[i].sizes() == g.sizes(), "hf_rootfree graft_sums: tensor ", i,
+                ": second-moment state shape ", second[i].sizes(), " differs from param shape ",
+                g.sizes());
+    TORCH_CHECK(!m || m->sizes() == g.sizes(), "hf_rootfree graft_sums: tensor ", i,
+                ": momentum state shape ", m ? m->sizes() : g.sizes(), " differs from param shape ",
+                g.sizes());
+    TORCH_CHECK(second[i].is_contiguous() && (!m || (m->is_contiguous() &&
+                                                      m->scalar_type() == second[i].scalar_type())),
+                "hf_rootfree graft_sums: tensor ", i, ": state must be contiguous, of one dtype");
+    if (g.numel() == 0) continue;
+    at::Tensor gc = g.contiguous();
+    const double* row = rows + (coeffs.size(0) > 1 ? i * kNumCoeffs : 0);
+    double* oi = o + 2 * i;
+    switch (gc.scalar_type()) {
+      case at::kFloat: graft_sum_state<float>(gc, m, second[i], row, lams[i], inv_b, eps, heavy_ball, oi); break;
+      case at::kDouble: graft_sum_state<double>(gc, m, second[i], row, lams[i], inv_b, eps, heavy_ball, oi); break;
+      case at::kBFloat16:
+        graft_sum_state<c10::BFloat16>(gc, m, second[i], row, lams[i], inv_b, eps, heavy_ball, oi);
+        break;
+      case at::kHalf: graft_sum_state<c10::Half>(gc, m, second[i], row, lams[i], inv_b, eps, heavy_ball, oi); break;
+      default: TORCH_CHECK(false, "hf_rootfree graft_sums: unsupported grad dtype ", gc.scalar_type());
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_rootfree, m) {
@@ -237,9 +343,13 @@ TORCH_LIBRARY(hf_rootfree, m) {
       "fused_elementwise_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, "
       "Tensor(c!)[] second, Tensor coeffs, bool root, bool heavy_ball) -> ()");
   m.def("abs_sums(Tensor[] tensors) -> Tensor");
+  m.def(
+      "graft_sums(Tensor[] grads, Tensor[] bufs, Tensor[] second, Tensor coeffs, Tensor lam, "
+      "float inv_b, float eps, bool heavy_ball) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_rootfree, CPU, m) {
   m.impl("fused_elementwise_step_", &fused_elementwise_step_);
   m.impl("abs_sums", &abs_sums);
+  m.impl("graft_sums", &graft_sums);
 }
