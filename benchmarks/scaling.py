@@ -41,7 +41,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -49,10 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_time
+import torch
 from step_time import hf_rootfree
 
 CPU = torch.device("cpu")

@@ -44,7 +44,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -53,13 +52,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 
+import step_time  # `python benchmarks/sirfshampoo_step.py` puts this folder on sys.path
 import torch
-
-try:  # `python benchmarks/sirfshampoo_step.py` puts this folder on sys.path
-    import step_time
-except ModuleNotFoundError:  # imported some other way
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import step_time
 
 CPU = torch.device("cpu")
 BATCH_SIZE = 32  # the B of SIRFShampoo; it does not change the cost of a step

@@ -36,18 +36,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_time, sirfshampoo_step
 import sirfshampoo_step
 import step_time
+import torch
 from step_time import hf_rootfree
 
 CPU = torch.device("cpu")

@@ -40,11 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-try:
-    import hf_rootfree
-except ImportError:  # run from a source checkout without installing: use the repository's package
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import hf_rootfree
+import hf_rootfree
 
 TARGET_RATIO = 1.1
 BATCH_SIZE = 32  # the B of the root-free optimizers; it does not change the cost of a step

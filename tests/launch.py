@@ -16,7 +16,9 @@ CONFIGS = ROOT / "recipes" / "configs"
 
 
 def _run(command: list[str], cwd: Path, timeout: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # the checkout's hf_rootfree (and the scripts' helpers next to them), installed or not
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "scripts"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
 

@@ -51,7 +51,7 @@ def rootfree_adamw(
     batch_size,
     bias_correction=True,
     s0=0.0,
-    relative_damping=0.3,
+    relative_damping=3.0,
     lr_units="adamw",
 ) -> torch.Tensor:
     """RootFreeAdamW.
@@ -91,7 +91,7 @@ def rootfree_rmsprop(
     batch_size,
     bias_correction=True,
     s0=0.0,
-    relative_damping=0.3,
+    relative_damping=3.0,
     lr_units="adamw",
 ) -> torch.Tensor:
     """RootFreeRMSprop (heavy-ball momentum after preconditioning).
@@ -161,7 +161,7 @@ def rootfree_adax(
     prior_steps=0.0,
     batch_size,
     s0=0.0,
-    relative_damping=0.3,
+    relative_damping=3.0,
     lr_units="adamw",
 ) -> torch.Tensor:
     """RootFreeAdaX.

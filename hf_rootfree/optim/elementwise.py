@@ -543,8 +543,8 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
         * ``adaptive_fraction``: the fraction of elements whose curvature term (the B·g² part of
           ŝ) exceeds the rest of the denominator (damping, and a prior s0 still in s): how adaptive
           the method currently is. Near 0 the method is SGD-like (e.g. the paper's s0 = 1 prior
-          early in training); root-free defaults sit near the middle, since λ_l follows the
-          tensor's typical curvature.
+          early in training); with the defaults it is typically 0.2–0.4 (λ_l = 3·B·ḡ² follows
+          the tensor's typical curvature: the elements with |g| above ~1.7·ḡ).
 
         Reads the state, so it synchronizes with the device: call it at logging steps only.
         """
@@ -660,7 +660,7 @@ _ROOTFREE_ARGS_DOC = """
         s0: initial value of s, ≥ 0 (default 0: s is an average of B·g² from the first step).
             The paper's prior is 1.
         relative_damping: ρ ≥ 0, the per-tensor damping in units of the tensor's typical curvature:
-            λ_l = λ + ρ·B·ḡ², ḡ = mean(|g|) over the tensor at this step (default 0.3). 0 gives
+            λ_l = λ + ρ·B·ḡ², ḡ = mean(|g|) over the tensor at this step (default 3). 0 gives
             the paper's fixed λ.
         lr_units: ``"adamw"`` (default): η is an AdamW learning rate; the root-free step of
             every tensor is rescaled to the norm of AdamW's step from the same moments,
@@ -804,7 +804,7 @@ class RootFreeAdamW(_RootFreeOptimizer):
         batch_size: float | None = None,
         s0: float = 0.0,
         bias_correction: bool = True,
-        relative_damping: float = 0.3,
+        relative_damping: float = 3.0,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -918,7 +918,7 @@ class RootFreeRMSprop(_RootFreeOptimizer):
         batch_size: float | None = None,
         s0: float = 0.0,
         bias_correction: bool = True,
-        relative_damping: float = 0.3,
+        relative_damping: float = 3.0,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,
@@ -1122,7 +1122,7 @@ class RootFreeAdaX(_RootFreeOptimizer):
         *,
         batch_size: float | None = None,
         s0: float = 0.0,
-        relative_damping: float = 0.3,
+        relative_damping: float = 3.0,
         lr_units: str = "adamw",
         state_dtype: torch.dtype | None = None,
         foreach: bool | None = None,

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
-from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
-
 from _cases import CASES as BASE_CASES
 from _teardown import leave
+from accelerate import Accelerator
+from torch import Tensor, nn
 
 import hf_rootfree
 

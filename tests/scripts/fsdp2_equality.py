@@ -20,16 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from _cases import CASES
+from _state import full_state, local_shard_checksums, replicated_state_ranks_equal
+from _teardown import leave
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
-
-from _cases import CASES
-from _state import full_state, local_shard_checksums, replicated_state_ranks_equal
-from _teardown import leave
 
 import hf_rootfree
 

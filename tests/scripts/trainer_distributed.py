@@ -19,13 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's hf_rootfree
-
 from _state import full_state, replicated_state_ranks_equal
 from _teardown import leave
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import hf_rootfree  # registers the --optim names
 
