@@ -8,22 +8,18 @@ fix, and leave nothing in the output directory.
 from __future__ import annotations
 
 import importlib.metadata
-import sys
 from pathlib import Path
 
+import causal_lm  # recipes/ is on pytest's pythonpath (pyproject.toml)
+import common
+import compare
+import image_classification
 import numpy as np
 import pytest
+import text_classification
+import text_data
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
-
-import causal_lm  # noqa: E402
-import common  # noqa: E402
-import compare  # noqa: E402
-import image_classification  # noqa: E402
-import text_classification  # noqa: E402
-import text_data  # noqa: E402
 
 R8_TOPICS = ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
 
