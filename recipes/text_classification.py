@@ -133,9 +133,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate as the command line ``argv`` says; return the run record."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.set_defaults(
-        **common.recipe_defaults("text_classification")
-    )  # recipes/configs/tasks/text_classification.yaml
+    # the full default configuration: recipes/configs/tasks/text_classification.yaml
+    parser.set_defaults(**common.recipe_defaults("text_classification"))
     model_args, data_args, training_args = common.parse_recipe_args(parser, argv)
     common.check_launch(training_args)
     set_seed(training_args.seed)  # before the model is built: its initial weights follow --seed
