@@ -65,7 +65,7 @@ def optimizers_for(task: str, names: list[str]) -> list[str]:
 
 
 def one_run(task: str, optim: str, seed: int, presets: dict, max_steps: int | None) -> dict[str, Any]:
-    module, metric, _ = compare.TASKS[task]
+    module, metric = compare.TASKS[task].module, compare.TASKS[task].metric
     recipe = compare.recipe(task)
     clock = StepClock()
     with tempfile.TemporaryDirectory(prefix="ttq_") as output_dir:
@@ -132,7 +132,7 @@ def best_point(run: dict[str, Any], higher: bool) -> dict[str, Any]:
 
 
 def summarize(task: str, runs: list[dict[str, Any]], names: list[str], tolerance: float) -> dict[str, Any]:
-    _, metric, higher = compare.TASKS[task]
+    metric, higher = compare.TASKS[task].metric, compare.TASKS[task].higher_is_better
     seeds = sorted({r["seed"] for r in runs})
     slack = (1 - tolerance) if higher else (1 + tolerance)
     targets = {

@@ -33,7 +33,6 @@ from typing import Any
 
 import common  # registers the hf_rootfree --optim names before any TrainingArguments exist
 import text_data
-import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -130,7 +129,7 @@ class DataArguments:
         )
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, lr_search: common.LrSearch | None = None) -> dict[str, Any]:
     """Train and evaluate as the command line ``argv`` says; return the run record."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -238,43 +237,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=default_data_collator,
     )
-    # A tiny model on CPU trains fastest on one thread, and does not slow to a crawl when another
-    # process competes for the cores (OpenMP's thread hand-off).
-    threads = torch.get_num_threads()
-    if model_args.model_name_or_path is None and training_args.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        trainer.train()
-        eval_metrics = common.final_metrics(trainer)  # eval_loss and eval_perplexity
-    finally:
-        torch.set_num_threads(threads)
-    if training_args.save_strategy != "no":
-        trainer.save_model()  # the model, and the tokenizer (the Trainer's processing_class)
-
-    record = common.run_record(
+    # the tiny model built from a config trains on one CPU thread (see common.finish)
+    return common.finish(
         trainer,
+        argv,
         task="causal-lm",
         model_name=model_name,
         dataset_name=dataset_name,
-        metric_name="perplexity",
-        eval_metrics=eval_metrics,
-        command=common.command_line(argv, "causal_lm.py"),  # --hub_token redacted
         pretrained=model_args.model_name_or_path,
+        one_thread=model_args.model_name_or_path is None,
+        lr_search=lr_search,
     )
-    common.write_run_record(record, trainer)
-    trainer.card_record = record
-    trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return record
-
-
-def main() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    record = run(sys.argv[1:])
-    for key, value in sorted(record["eval_metrics"].items()):
-        print(f"{key}: {value:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(run)

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import shlex
@@ -23,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 RECIPES_DIR = Path(__file__).resolve().parent
 REPO_ROOT = RECIPES_DIR.parent
@@ -32,23 +33,25 @@ CARD_TEMPLATE = REPO_ROOT / "model_cards" / "template.md"
 #: one YAML per recipe: its full default configuration (model, data, TrainingArguments)
 TASK_CONFIGS = RECIPES_DIR / "configs" / "tasks"
 
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing: find hf_rootfree
-    sys.path.insert(0, str(REPO_ROOT))
-
 import hf_rootfree  # noqa: E402  (registers the --optim names before any TrainingArguments)
 
 __all__ = [
     "DATA_INSTALL",
     "MUON",
     "PACKAGED_FILES",
+    "TASKS",
     "CardTrainer",
+    "LrSearch",
     "MuonWithAdamW",
+    "Task",
     "check_every_class_present",
     "check_launch",
     "command_line",
     "final_metrics",
+    "finish",
     "hf_rootfree",
     "load_metric",
+    "main",
     "model_card",
     "muon_parameter_names",
     "offline",
@@ -350,11 +353,23 @@ def check_every_class_present(splits: Any, column: str = "label") -> None:
 # Model cards
 # ---------------------------------------------------------------------------------------------
 
-_TASK_TYPES = {
-    "image-classification": "image-classification",
-    "text-classification": "text-classification",
-    "causal-lm": "text-generation",
+
+class Task(NamedTuple):
+    """A recipe task: the one table ``compare.py``, the cards and the benchmarks read."""
+
+    module: str  #: the recipe module (``recipes/<module>.py``)
+    metric: str  #: its eval metric (``eval_<metric>``)
+    higher_is_better: bool
+    pipeline_tag: str  #: the Hub's task type, for the model card
+
+
+TASKS: dict[str, Task] = {
+    "image-classification": Task("image_classification", "accuracy", True, "image-classification"),
+    "text-classification": Task("text_classification", "accuracy", True, "text-classification"),
+    "causal-lm": Task("causal_lm", "perplexity", False, "text-generation"),
 }
+
+
 #: where the recipes' offline default data come from, and under which licence (the card says it)
 DATA_LICENCES = {
     "reuters-r8": "Reuters-21578 newswire stories of 1987 in the 8 most frequent single-topic classes "
@@ -404,7 +419,7 @@ def model_card(
     if value is not None and math.isfinite(value):
         eval_results.append(
             EvalResult(
-                task_type=_TASK_TYPES.get(record["task"], record["task"]),
+                task_type=TASKS[record["task"]].pipeline_tag if record["task"] in TASKS else record["task"],
                 dataset_type=record["dataset"],
                 dataset_name=record["dataset"],
                 dataset_split="validation",
@@ -420,7 +435,7 @@ def model_card(
         datasets=None,
         eval_results=eval_results or None,
         library_name="transformers",
-        pipeline_tag=_TASK_TYPES.get(record["task"]),
+        pipeline_tag=TASKS[record["task"]].pipeline_tag if record["task"] in TASKS else None,
         tags=["hf_rootfree", f"optimizer:{record['optim']}", record["task"]],
         metrics=[metric],
         license="apache-2.0",
@@ -448,14 +463,14 @@ def model_card(
 import torch  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
-#: set by :func:`search_learning_rate` while a recipe runs in learning-rate-search mode
-_LR_SEARCH: dict[str, Any] | None = None
 
+@dataclass(frozen=True)
+class LrSearch:
+    """A learning-rate search instead of one training run (:func:`search_learning_rate`)."""
 
-class _SearchFinished(Exception):
-    def __init__(self, learning_rate: float) -> None:
-        super().__init__(learning_rate)
-        self.learning_rate = learning_rate
+    n_trials: int
+    metric: str  #: the objective is ``eval_<metric>`` (the eval loss where the run lacks it)
+    maximize: bool
 
 
 def search_learning_rate(
@@ -463,21 +478,29 @@ def search_learning_rate(
 ) -> float:
     """Search the learning rate of a recipe with ``Trainer.hyperparameter_search`` (optuna).
 
-    Runs ``run(argv)`` with :class:`CardTrainer` in search mode: instead of training once, its
-    ``train()`` runs ``n_trials`` trials with learning rates log-uniform in [lr/10, 10·lr] around
-    the ``--learning_rate`` in ``argv`` (the model is re-created from its initial weights for each
-    trial), objective: ``eval_<metric>`` (the eval loss where the run does not report it).
-    Returns the best rate.
+    Runs ``run(argv, lr_search=...)``: the recipe builds its model, data and Trainer as usual, and
+    :func:`finish` then runs ``n_trials`` trials with learning rates log-uniform in
+    [lr/10, 10·lr] around the ``--learning_rate`` in ``argv`` (the model re-created from its
+    initial weights for each trial) instead of training once. Returns the best rate.
     """
-    global _LR_SEARCH
-    _LR_SEARCH = {"n_trials": n_trials, "direction": "maximize" if maximize else "minimize", "metric": metric}
-    try:
-        run(list(argv))
-    except _SearchFinished as done:
-        return done.learning_rate
-    finally:
-        _LR_SEARCH = None
-    raise RuntimeError("the recipe finished without training, so no learning-rate search ran")
+    record = run(list(argv), lr_search=LrSearch(n_trials=n_trials, metric=metric, maximize=maximize))
+    return record["best_learning_rate"]
+
+
+def _search(trainer: Any, search: LrSearch) -> float:
+    initial = copy.deepcopy(trainer.model).cpu()
+    trainer.model_init = lambda trial=None: copy.deepcopy(initial)
+    center = trainer.args.learning_rate
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {
+            "learning_rate": trial.suggest_float("learning_rate", center / 10, center * 10, log=True)
+        },
+        n_trials=search.n_trials,
+        direction="maximize" if search.maximize else "minimize",
+        compute_objective=lambda metrics: metrics.get(f"eval_{search.metric}", metrics["eval_loss"]),
+        backend="optuna",
+    )
+    return float(best.hyperparameters["learning_rate"])
 
 
 class CardTrainer(Trainer):
@@ -486,31 +509,9 @@ class CardTrainer(Trainer):
     Set ``trainer.card_record`` (from :func:`run_record`) after evaluation; ``create_model_card``
     (called by ``push_to_hub``, so ``--push_to_hub`` uploads our card) then writes
     ``<output_dir>/README.md`` from it. Without a record it falls back to the stock card.
-    Under :func:`search_learning_rate`, ``train()`` runs the search instead.
     """
 
     card_record: dict[str, Any] | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if _LR_SEARCH is not None and self.model_init is None:
-            initial = copy.deepcopy(self.model).cpu()
-            self.model_init = lambda trial=None: copy.deepcopy(initial)
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        if _LR_SEARCH is None or kwargs.get("trial") is not None:
-            return super().train(*args, **kwargs)
-        center, key = self.args.learning_rate, _LR_SEARCH["metric"]
-        best = self.hyperparameter_search(
-            hp_space=lambda trial: {
-                "learning_rate": trial.suggest_float("learning_rate", center / 10, center * 10, log=True)
-            },
-            n_trials=_LR_SEARCH["n_trials"],
-            direction=_LR_SEARCH["direction"],
-            compute_objective=lambda metrics: metrics.get(f"eval_{key}", metrics["eval_loss"]),
-            backend="optuna",
-        )
-        raise _SearchFinished(float(best.hyperparameters["learning_rate"]))
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
         if self.optimizer is None and getattr(self.args, "recipe_optim", None) == MUON:
@@ -554,7 +555,7 @@ def recipe_defaults(script: str) -> dict[str, Any]:
 
 def parse_recipe_args(parser: Any, argv: Sequence[str]) -> tuple[Any, ...]:
     """``parser.parse_args_into_dataclasses(argv)``, also accepting ``--optim muon``; refuses
-    ``--push_to_hub`` in offline mode before anything runs.
+    ``--push_to_hub`` in offline mode before anything runs; moves ``--hub_token`` to ``HF_TOKEN``.
 
     transformers has no ``muon`` optimizer name, so ``--optim muon`` is parsed as ``adamw_torch``
     (the name of the AdamW half) and recorded in ``training_args.recipe_optim``; a
@@ -575,6 +576,12 @@ def parse_recipe_args(parser: Any, argv: Sequence[str]) -> tuple[Any, ...]:
             "--push_to_hub needs the Hugging Face Hub, but offline mode is on (HF_HUB_OFFLINE or "
             "HF_DATASETS_OFFLINE): unset it to push, or drop --push_to_hub (the default)"
         )
+    if training_args.hub_token:
+        # NOTE: the Trainer pickles its TrainingArguments into training_args.bin next to every saved
+        # model and checkpoint (and pushes it): the token moves to the environment, where
+        # huggingface_hub reads it, so that no file the run writes holds it.
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
     if muon:
         if training_args.optim_args:
             raise ValueError(
@@ -674,3 +681,67 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# The ending every recipe shares
+# ---------------------------------------------------------------------------------------------
+
+
+def finish(
+    trainer: Any,
+    argv: Sequence[str],
+    *,
+    task: str,
+    model_name: str,
+    dataset_name: str,
+    pretrained: str | None,
+    one_thread: bool,
+    lr_search: LrSearch | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate, save the model, record, write the card, push.
+
+    ``one_thread``: train on one intra-op thread on CPU (the offline defaults' tiny tensors: on a
+    busy 2-core machine two threads were 3-7x slower, waiting on OpenMP hand-offs). Returns the run
+    record (:func:`run_record`), also written to ``<output_dir>/run_result.json``; with ``lr_search``,
+    only ``{"best_learning_rate": ...}`` (nothing trained once, nothing written).
+    """
+    if lr_search is not None:
+        return {"best_learning_rate": _search(trainer, lr_search)}
+    args = trainer.args
+    threads = torch.get_num_threads()
+    if one_thread and args.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        trainer.train()
+        eval_metrics = final_metrics(trainer)
+    finally:
+        torch.set_num_threads(threads)
+    # as the stock examples: the final model (and its processor/tokenizer) is saved whatever
+    # --save_strategy says (which governs checkpoints during training): a loadable, pushable
+    # directory, e.g. the base of a fine-tuning run
+    trainer.save_model()
+    record = run_record(
+        trainer,
+        task=task,
+        model_name=model_name,
+        dataset_name=dataset_name,
+        metric_name=TASKS[task].metric,
+        eval_metrics=eval_metrics,
+        command=command_line(argv, f"{TASKS[task].module}.py"),  # --hub_token redacted
+        pretrained=pretrained,
+    )
+    write_run_record(record, trainer)
+    trainer.card_record = record
+    trainer.create_model_card()  # <output_dir>/README.md from model_cards/template.md
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return record
+
+
+def main(run: Any) -> None:
+    """A recipe's command line: run it on ``sys.argv`` and print its eval metrics."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    record = run(sys.argv[1:])
+    for key, value in sorted(record["eval_metrics"].items()):
+        print(f"{key}: {value:.4f}")

@@ -43,25 +43,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common  # registers the --optim names (`python recipes/compare.py` puts recipes/ on sys.path)
+
 RECIPES_DIR = Path(__file__).resolve().parent
-if str(RECIPES_DIR) not in sys.path:
-    sys.path.insert(0, str(RECIPES_DIR))
 
-import common  # noqa: E402  (registers the --optim names)
-
-#: task -> (recipe module, metric, higher is better)
-TASKS: dict[str, tuple[str, str, bool]] = {
-    "image-classification": ("image_classification", "accuracy", True),
-    "text-classification": ("text_classification", "accuracy", True),
-    "causal-lm": ("causal_lm", "perplexity", False),
-}
-#: every task: with AdamW units (the default) the root-free optimizers train the tiny BERT too
+#: task -> its recipe module, metric, direction and Hub task type (one table, in common.py)
+TASKS = common.TASKS
+#: all three real-data tasks
 DEFAULT_TASKS = ("image-classification", "text-classification", "causal-lm")
 #: the baselines: AdamW everywhere, torch's Muon (hidden matrices; AdamW for the rest), SGD for
 #: CNNs (the paper's); then ours
 DEFAULT_OPTIMIZERS = ("adamw_torch_fused", common.MUON, "sgd", "rootfree_adamw", "sirfshampoo")
 CNN_ONLY = {"sgd"}
 BASELINE = "adamw_torch_fused"
+#: what a run's ``save_model()`` writes that ``--keep_models`` keeps
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 PRESETS = RECIPES_DIR / "configs" / "presets.yaml"
 #: the packaged files (``common.PACKAGED_FILES``) each task's offline default reads: its data,
 #: unless a data flag is passed after ``--``, and its pretrained model, unless a model flag is
@@ -109,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/compare"))
     parser.add_argument("--push_to_hub", action="store_true", help="push each model with its card")
+    parser.add_argument(
+        "--keep_models",
+        action="store_true",
+        help="keep each run's trained weights (default: deleted after the run; record, curves and card stay)",
+    )
     args = parser.parse_args(argv)
     args.tasks = _split(args.tasks)
     unknown = [t for t in args.tasks if t not in TASKS]
@@ -168,7 +169,7 @@ def check_packaged_inputs(tasks: list[str], passthrough: list[str]) -> None:
 def recipe(task: str) -> Any:
     import importlib
 
-    return importlib.import_module(TASKS[task][0])
+    return importlib.import_module(TASKS[task].module)
 
 
 def run_argv(
@@ -189,9 +190,9 @@ def tune_learning_rate(
     """A small lr search (optuna, through the recipe's ``Trainer.hyperparameter_search``)."""
     argv = run_argv(task, optim, args.seed, args, presets, passthrough)
     argv[1] = str(args.output_dir / "tuning" / task / optim)
-    _, metric, higher = TASKS[task]
+    spec = TASKS[task]
     return common.search_learning_rate(
-        recipe(task).run, argv, n_trials=args.tune, metric=metric, maximize=higher
+        recipe(task).run, argv, n_trials=args.tune, metric=spec.metric, maximize=spec.higher_is_better
     )
 
 
@@ -234,7 +235,7 @@ def versus_baseline(row: dict[str, Any], baseline: dict[str, Any] | None) -> str
     """The row's metric against AdamW's: a difference for accuracy, a ratio for perplexity."""
     if baseline is None or row["optim"] == baseline["optim"]:
         return ""
-    if TASKS[row["task"]][2]:
+    if TASKS[row["task"]].higher_is_better:
         return f"{row['metric_mean'] - baseline['metric_mean']:+.4f}"
     return f"{row['metric_mean'] / baseline['metric_mean']:.3f}×"
 
@@ -244,7 +245,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
         metric = task_rows[0]["metric"]
-        higher = TASKS[task][2]
+        higher = TASKS[task].higher_is_better
         baseline = next((r for r in task_rows if r["optim"] == BASELINE), None)
         lines += [
             f"## {task}",
@@ -360,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
         records.append(record)
+        if not args.keep_models:  # the record, curves and card stay; the weights go (disk)
+            for weights in WEIGHT_FILES:
+                (Path(record["output_dir"]) / weights).unlink(missing_ok=True)
 
     rows = summarize(records)
     plots = {task: plot(task, records, args.output_dir) for task in args.tasks}

@@ -315,7 +315,7 @@ def tiny_model(model_type: str, image_size: int, id2label: dict[int, str]) -> tu
 # ---------------------------------------------------------------------------------------------
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, lr_search: common.LrSearch | None = None) -> dict[str, Any]:
     """Train, evaluate, write ``run_result.json`` and the model card; return the run record."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -386,42 +386,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
     )
-    # NOTE: the embedded model's tensors are tiny, so on CPU one intra-op thread is fastest: with
-    # two, a busy 2-core machine trained it 7x slower (45 s vs 6.5 s), waiting on OpenMP hand-offs.
-    threads = torch.get_num_threads()
-    if model_args.model_name_or_path is None and training_args.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        trainer.train()
-        trainer.save_model()  # model + image processor: output_dir is a loadable, pushable model
-        eval_metrics = common.final_metrics(trainer)
-    finally:
-        torch.set_num_threads(threads)
-
-    record = common.run_record(
+    # the embedded model's tensors are tiny, so on CPU one intra-op thread is fastest: with two,
+    # a busy 2-core machine trained it 7x slower (45 s vs 6.5 s), waiting on OpenMP hand-offs.
+    return common.finish(
         trainer,
+        argv,
         task="image-classification",
         model_name=model_name,
         dataset_name=dataset_name,
-        metric_name="accuracy",
-        eval_metrics=eval_metrics,
-        command=common.command_line(argv, "image_classification.py"),
         pretrained=model_args.model_name_or_path,
+        one_thread=model_args.model_name_or_path is None,
+        lr_search=lr_search,
     )
-    common.write_run_record(record, trainer)
-    trainer.card_record = record
-    trainer.create_model_card()  # <output_dir>/README.md from model_cards/template.md
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return record
-
-
-def main() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    record = run(sys.argv[1:])
-    for key, value in sorted(record["eval_metrics"].items()):
-        print(f"{key}: {value:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(run)

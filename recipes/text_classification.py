@@ -22,7 +22,6 @@ It writes ``<output_dir>/run_result.json`` (``common.run_record``) and a model c
 
 from __future__ import annotations
 
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import Any
 import common  # registers the hf_rootfree --optim names before any TrainingArguments exist
 import numpy as np
 import text_data
-import torch
 from datasets import ClassLabel
 from transformers import (
     AutoConfig,
@@ -129,7 +127,7 @@ class DataArguments:
         )
 
 
-def run(argv: list[str] | None = None) -> dict[str, Any]:
+def run(argv: list[str] | None = None, lr_search: common.LrSearch | None = None) -> dict[str, Any]:
     """Train and evaluate as the command line ``argv`` says; return the run record."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
@@ -264,46 +262,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
-    # NOTE: the offline default (MiniLM-L6, or the tiny BERT) trains on one CPU thread: on a 2-core
+    # the offline default (MiniLM-L6, or the tiny BERT) trains on one CPU thread: on a 2-core
     # machine shared with another job, two threads made each MiniLM step 3-5x slower (1.4 s vs
-    # 4.5-7 s for 16 x 32 tokens), waiting on OpenMP hand-offs. Other models keep torch's default.
-    threads = torch.get_num_threads()
-    if (
-        model_args.from_config or model_args.model_name_or_path is None
-    ) and training_args.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        trainer.train()
-        eval_metrics = common.final_metrics(trainer)
-    finally:
-        torch.set_num_threads(threads)
-    if training_args.save_strategy != "no":
-        trainer.save_model()  # the model, and the tokenizer (the Trainer's processing_class)
-
-    record = common.run_record(
+    # 4.5-7 s for 16 x 32 tokens), waiting on OpenMP hand-offs. Other models keep the default.
+    return common.finish(
         trainer,
+        argv,
         task="text-classification",
         model_name=model_name,
         dataset_name=dataset_name,
-        metric_name="accuracy",
-        eval_metrics=eval_metrics,
-        command=common.command_line(argv, "text_classification.py"),  # --hub_token redacted
         pretrained=pretrained,
+        one_thread=bool(model_args.from_config or model_args.model_name_or_path is None),
+        lr_search=lr_search,
     )
-    common.write_run_record(record, trainer)
-    trainer.card_record = record
-    trainer.create_model_card()
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-    return record
-
-
-def main() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    record = run(sys.argv[1:])
-    for key, value in sorted(record["eval_metrics"].items()):
-        print(f"{key}: {value:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    common.main(run)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
 
 import compare  # noqa: E402
 
@@ -136,8 +133,8 @@ def test_every_adaptive_preset_is_the_recipes_own_adamw_configuration():
     import common
 
     presets = compare.load_presets(compare.PRESETS)
-    for task, (script, _, _) in compare.TASKS.items():
-        config = common.recipe_defaults(script)  # what the recipe runs with no flags
+    for task, spec in compare.TASKS.items():
+        config = common.recipe_defaults(spec.module)  # what the recipe runs with no flags
         assert config["optim"] == compare.BASELINE
         for optim, preset in presets[task].items():
             if optim == "sgd":
@@ -176,8 +173,10 @@ def test_unknown_task_is_a_clear_error(capsys):
 def test_tune_runs_trainer_hyperparameter_search_and_uses_the_best_learning_rate(tmp_path, monkeypatch):
     optuna = pytest.importorskip("optuna")
     # the eval loss as objective: a continuous value, so exactly one trial is best
-    recipe_name, _, _ = compare.TASKS["image-classification"]
-    monkeypatch.setitem(compare.TASKS, "image-classification", (recipe_name, "loss", False))
+    spec = compare.TASKS["image-classification"]
+    monkeypatch.setitem(
+        compare.TASKS, "image-classification", spec._replace(metric="loss", higher_is_better=False)
+    )
     studies = []
     create_study = optuna.create_study
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,6 @@ from PIL import Image
 from transformers import ConvNextConfig, ConvNextForImageClassification, ConvNextImageProcessor
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
 
 import image_classification as recipe  # noqa: E402
 
