@@ -16,7 +16,7 @@ from sirf_oracle import SIRFShampooOracle
 from sirf_paper import SIRFShampoo
 from test_sirfshampoo_math import rel_err
 
-from hf_rootfree import RootFreeAdamW
+from hf_rootfree import RootFreeAdamW, RootFreeRMSprop
 from hf_rootfree.integrations import transformers as integration
 from hf_rootfree.optim import _fused, elementwise
 
@@ -247,3 +247,29 @@ def test_register_fails_with_integration_error_naming_the_internal_and_the_fallb
     with pytest.raises(integration.IntegrationError, match=problem) as error:
         integration.register()
     assert "optimizer_cls_and_kwargs" in str(error.value) and transformers.__version__ in str(error.value)
+
+
+@pytest.mark.parametrize("cls", [RootFreeAdamW, RootFreeRMSprop])
+def test_without_the_compiled_helper_the_grafting_norms_come_from_torch_and_agree(monkeypatch, cls) -> None:
+    """The norms that graft the root-free step onto AdamW's are summed by the compiled helper on
+    CPU and by ``torch._foreach_norm`` elsewhere (or without a compiler): the two agree to float32
+    rounding over 20 steps of the reference path."""
+
+    def run() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in ((6, 5), (7,), (2, 3, 4))]
+        opt = cls(params, lr=1e-2, weight_decay=0.1, batch_size=8, foreach=False, fused=False)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen) * torch.rand(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    with_helper = run()
+    monkeypatch.setattr(_fused, "_state", {})
+    monkeypatch.setenv("HF_ROOTFREE_FUSED", "0")
+    assert not _fused.fused_kernel_available()
+    without = run()
+    for a, b in zip(with_helper, without):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))
