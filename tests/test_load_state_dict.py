@@ -19,8 +19,9 @@ import torch
 from optim_db import OPTIM_DB, PATHS
 from sirf_paper import SIRFShampoo
 
-from hf_rootfree import AdaX, RootFreeAdamW, RootFreeAdaX, RootFreeRMSprop
+from hf_rootfree import RootFreeAdamW
 from hf_rootfree.optim import _fused
+from hf_rootfree.registry import OPTIMIZERS
 
 
 def _element_wise(case, flags):
@@ -44,13 +45,8 @@ BUILDERS = {
 }
 builders = pytest.mark.parametrize("build", BUILDERS.values(), ids=list(BUILDERS))
 
-OUR_CLASSES = {
-    RootFreeAdamW: {"batch_size": 4},
-    RootFreeRMSprop: {"batch_size": 4},
-    AdaX: {},
-    RootFreeAdaX: {"batch_size": 4},
-    SIRFShampoo: {"batch_size": 4},
-}
+#: every optimizer of the registry; the root-free ones take B
+OUR_CLASSES = {spec.cls: ({"batch_size": 4} if spec.root_free else {}) for spec in OPTIMIZERS.values()}
 
 
 def stepped(build, shapes, steps: int = 2, seed: int = 0):

@@ -12,12 +12,13 @@ import torch
 from optim_db import CLASSES, NAMES
 from torch import nn
 
+from hf_rootfree.registry import OPTIMIZERS
+
+#: per registry name: lr 1e-2 (B for the root-free ones), with these exceptions
+_EXCEPTIONS = {"rootfree_rmsprop": {"lr": 1e-3}, "sirfshampoo": {"update_freq": 1}}
 KWARGS = {
-    "rootfree_adamw": {"lr": 1e-2, "batch_size": 8},
-    "rootfree_rmsprop": {"lr": 1e-3, "batch_size": 8},
-    "adax": {"lr": 1e-2},
-    "rootfree_adax": {"lr": 1e-2, "batch_size": 8},
-    "sirfshampoo": {"lr": 1e-2, "batch_size": 8, "update_freq": 1},
+    name: {"lr": 1e-2, **({"batch_size": 8} if spec.root_free else {}), **_EXCEPTIONS.get(name, {})}
+    for name, spec in OPTIMIZERS.items()
 }
 
 
