@@ -1,9 +1,11 @@
-"""Steps and seconds each optimizer needs to reach AdamW's final eval metric on the embedded tasks.
+"""Steps and seconds each optimizer needs to reach AdamW's final eval metric on the recipe tasks.
 
 Tasks (offline, built from configs, the recipes' default step budgets): ``image-classification``
-(``recipes/image_classification.py``: tiny ConvNeXt on scikit-learn's digits, accuracy, higher is
-better) and ``causal-lm`` (``recipes/causal_lm.py``: tiny GPT-2 on generated sentences,
-perplexity, lower is better). Optimizers: ``adamw_torch_fused`` (the baseline), ``sgd`` (image
+(``recipes/image_classification.py``: tiny ConvNeXt on MNIST-5k, accuracy, higher is better) and
+``causal-lm`` (``recipes/causal_lm.py``: tiny GPT-2 on the Grimm tales, perplexity, lower is
+better). NOTE: the numbers recorded in ``benchmarks/README.md`` were measured when these recipes
+trained on scikit-learn's digits and generated sentences. Optimizers: ``adamw_torch_fused`` (the
+baseline), ``sgd`` (image
 task only, the paper's CNN baseline), ``rootfree_adamw`` and ``sirfshampoo``, each with its preset
 from ``recipes/configs/presets.yaml`` (learning rate, weight decay, ``--optim_args``; loaded with
 ``compare.load_presets`` / ``compare.preset_argv``, as ``recipes/compare.py`` does).

@@ -7,10 +7,11 @@ baseline), ``rootfree_adamw``, ``rootfree_rmsprop``, ``adax``, ``rootfree_adax``
 ``sirfshampoo`` with ``update_freq=10,max_dense_dim=256``. Workloads (all built from configs,
 offline):
 
-* ``convnext-digits``: the tiny ConvNeXt on scikit-learn's digits of
-  ``recipes/image_classification.py``, run through its ``run(argv)`` (batch 32);
-* ``gpt2-tiny``: the 2-layer GPT-2 on generated sentences of ``recipes/causal_lm.py``, through its
-  ``run(argv)`` (batch 32 blocks of 32 tokens);
+* ``convnext-digits``: the tiny ConvNeXt of ``recipes/image_classification.py`` on its default
+  data (MNIST-5k since the recipes moved to real data; scikit-learn's digits when the numbers in
+  ``benchmarks/README.md`` were measured), run through its ``run(argv)`` (batch 32);
+* ``gpt2-tiny``: the 2-layer GPT-2 of ``recipes/causal_lm.py`` on its default data (the Grimm
+  tales now; generated sentences then), through its ``run(argv)`` (batch 32 blocks of 32 tokens);
 * ``gpt2-5m``: the GPT-2 of ``step_time.py`` (4 layers, d=256, vocabulary 8192, 5.3M parameters)
   in a plain ``Trainer`` on random tokens (seed 0), sequences of 128 tokens, batch 8.
 
