@@ -61,7 +61,7 @@ def check_lr(value: Any, owner: str) -> None:
     check_nonnegative("lr", value, owner)
 
 
-def lr(group: dict[str, Any]) -> dict[str, Any]:
+def with_float_lr(group: dict[str, Any]) -> dict[str, Any]:
     """The group with a tensor lr read as a float (a CPU tensor: no device sync)."""
     if torch.is_tensor(group["lr"]):
         return {**group, "lr": float(group["lr"])}

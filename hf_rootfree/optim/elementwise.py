@@ -46,7 +46,7 @@ from ._common import (
     check_param,
     check_range,
     check_state_dtype,
-    lr,
+    with_float_lr,
 )
 
 __all__ = ["AdaX", "RootFreeAdaX", "RootFreeAdamW", "RootFreeRMSprop"]
@@ -361,9 +361,8 @@ def _adaptive_scales(
     if len(coeffs) == 1:
         k, e = coeffs[0].k, coeffs[0].e
     else:
-        k, e = (
-            torch.tensor([getattr(c, name) for c in coeffs], dtype=torch.float64).to(device) for name in "ke"
-        )
+        k = torch.tensor([c.k for c in coeffs], dtype=torch.float64).to(device)
+        e = torch.tensor([c.e for c in coeffs], dtype=torch.float64).to(device)
     lam = (e + rho * batch_size * g_bar * g_bar).clamp_min(_FLOAT32_TINY)
     k_vec = torch.full_like(lam, 1.0) * k
     if gain == 0:
@@ -604,7 +603,7 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             torch._foreach_add_(steps, 1.0)  # steps live on the CPU: no device sync
             values = torch.stack(steps).tolist()
             distinct = set(values)
-            hyper = lr(group)
+            hyper = with_float_lr(group)
             if len(distinct) == 1:
                 coeffs = [self._coefficients(hyper, values[0])]
             else:
