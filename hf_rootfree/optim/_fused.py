@@ -1,6 +1,7 @@
-"""Build and load the fused CPU kernel of the element-wise family.
+"""The fused kernels of the element-wise family: a C++ kernel on CPU, an inductor-compiled one on
+CUDA.
 
-The kernel (``csrc/elementwise.cpp``) is compiled on first use with
+CPU. The kernel (``csrc/elementwise.cpp``) is compiled on first use with
 :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``) and cached by torch
 under ``$TORCH_EXTENSIONS_DIR``. The cache name carries a hash of the source, the torch version and
 the CPU's instruction-set flags, because the kernel is built with ``-march=native``: a cache shared
@@ -9,6 +10,12 @@ a binary built for another.
 
 If the build fails, or ``HF_ROOTFREE_FUSED=0`` is set, :func:`fused_kernel_available` returns
 ``False`` after one warning and the optimizers use their pure-PyTorch paths instead.
+
+CUDA. The update written with ``torch._foreach_*`` ops over a coefficient tensor is compiled by
+``torch.compile`` (inductor generates Triton kernels: a few launches per group of tensors instead of
+one per op and tensor), on first use, once per group layout (:func:`compiled_table_step`). It
+needs Triton (:func:`compiled_step_available`); if compiling fails, one warning and the foreach
+path for the rest of the process. ``HF_ROOTFREE_FUSED=0`` turns it off too.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import os
 import platform
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +36,11 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).parent / "csrc" / "elementwise.cpp"
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_state: dict[str, Any] = {}
+
+
+def _turned_off() -> bool:
+    return os.environ.get("HF_ROOTFREE_FUSED", "1").lower() in ("0", "false", "no", "off")
 
 
 def _cpu_fingerprint() -> str:
@@ -105,7 +118,7 @@ def fused_kernel_available() -> bool:
     with _lock:
         if "ok" in _state:
             return _state["ok"]
-        if os.environ.get("HF_ROOTFREE_FUSED", "1").lower() in ("0", "false", "no", "off"):
+        if _turned_off():
             _state["ok"] = False
             return False
         if hasattr(torch.ops.hf_rootfree, "fused_elementwise_step_"):
@@ -125,3 +138,39 @@ def fused_kernel_available() -> bool:
             )
             _state["ok"] = False
     return _state["ok"]
+
+
+def compiled_step_available(device: torch.device) -> bool:
+    """Whether the compiled (Triton) path can run on ``device``: CUDA with Triton, not turned off
+    and not failed earlier in this process."""
+    if device.type != "cuda" or _turned_off() or _state.get("compiled") is False:
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+def compiled_table_step(step: Callable[..., None]) -> Callable[..., None] | None:
+    """``torch.compile(step)``, made once per process (None after a failure). Recompiles happen
+    per group layout (the tensors' number, shapes and dtypes), as for ``torch.compile(opt.step)``."""
+    if _state.get("compiled") is False:
+        return None
+    if "compiled_step" not in _state:
+        logger.warning(
+            "hf_rootfree: compiling the fused GPU step of the element-wise optimizers with "
+            "torch.compile (once per parameter group; about 10-60 s). HF_ROOTFREE_FUSED=0 or "
+            "foreach=True skips it."
+        )
+        _state["compiled_step"] = torch.compile(step, fullgraph=True, dynamic=False)
+    return _state["compiled_step"]
+
+
+def compiled_step_failed(error: Exception) -> None:
+    """Record that compiling failed: warn once, and use the foreach path from now on."""
+    _state["compiled"] = False
+    warnings.warn(
+        "hf_rootfree: could not compile the fused GPU step, so the element-wise optimizers use their "
+        f"foreach path (slower). Cause: {error!r}. HF_ROOTFREE_FUSED=0 silences this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

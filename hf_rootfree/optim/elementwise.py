@@ -249,17 +249,106 @@ def _fused_step(
     scales: Scales | None = None,
 ) -> None:
     """Fast CPU path: one compiled pass over memory per tensor (``csrc/elementwise.cpp``)."""
-    table = torch.tensor(coeffs, dtype=torch.float64)
-    if scales is not None:  # the data-dependent k and e columns, one row per tensor
-        table = table.expand(len(params), -1).clone()
-        table[:, 2], table[:, 3] = scales
+    table = _coefficient_table(coeffs, scales, len(params))
     torch.ops.hf_rootfree.fused_elementwise_step_(params, grads, bufs, seconds, table, root, heavy_ball)
+
+
+def _coefficient_table(coeffs: Sequence[Coefficients], scales: Scales | None, n: int) -> torch.Tensor:
+    """The coefficients as a float64 table with one row per tensor, on the device of ``scales``
+    (the CPU without): the data-dependent k and e columns are copied in on that device, so no
+    value crosses to the host. Always ``n`` rows, so that its shape does not depend on whether the
+    tensors are at the same step (a traced step would otherwise recompile)."""
+    device = scales[0].device if scales is not None else None
+    table = torch.tensor(coeffs, dtype=torch.float64, device=device)
+    if len(coeffs) != n:
+        table = table.expand(n, -1).clone()
+    if scales is not None:
+        table[:, 2], table[:, 3] = scales
+    return table
+
+
+def _table_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    table: torch.Tensor,
+    *,
+    root: bool,
+    heavy_ball: bool,
+) -> None:
+    """The update with its coefficients read from a tensor (:func:`_coefficient_table`): what
+    ``torch.compile`` traces, for the compiled path and for a compiled ``optimizer.step``.
+
+    The coefficients change at every step (bias correction, the per-tensor damping); as values of
+    a tensor they do not change the graph, so it compiles once. ``torch._foreach_*`` ops with
+    per-tensor 0-d coefficients, which inductor fuses into a few kernels per group of tensors.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
+    for (device, _, _), indices in buckets.items():
+        p_list, g_list = [params[i] for i in indices], [grads[i] for i in indices]
+        s_list = [seconds[i] for i in indices]
+        b_list = [bufs[i] for i in indices] if bufs else []
+        dtype = _compute_dtype(p_list[0], s_list[0])
+        rows = table.to(device=device, dtype=dtype)[indices]
+        a, c, k, e, m_decay, m_gain, lr, p_mul, wd_add = (list(col.unbind()) for col in rows.unbind(1))
+        x, g = _upcast(p_list, dtype), _upcast(g_list, dtype)
+        s, b = _upcast(s_list, dtype), _upcast(b_list, dtype)
+
+        torch._foreach_mul_(s, a)
+        torch._foreach_addcmul_(s, torch._foreach_mul(g, c), g)
+        d = torch._foreach_mul(torch._foreach_sqrt(s) if root else s, k)
+        torch._foreach_add_(d, e)
+        if heavy_ball:
+            u = torch._foreach_div(g, d)
+            torch._foreach_add_(u, torch._foreach_mul(x, wd_add))
+            if b:
+                torch._foreach_mul_(b, m_decay)
+                torch._foreach_add_(b, u)
+                u = b
+            torch._foreach_mul_(x, p_mul)
+            torch._foreach_sub_(x, torch._foreach_mul(u, lr))
+        else:
+            torch._foreach_mul_(b, m_decay)
+            torch._foreach_add_(b, torch._foreach_mul(g, m_gain))
+            torch._foreach_mul_(x, p_mul)
+            torch._foreach_sub_(x, torch._foreach_div(torch._foreach_mul(b, lr), d))
+        for src, dst in ((x, p_list), (s, s_list), (b, b_list)):
+            if src is not dst:
+                torch._foreach_copy_(dst, src)
+
+
+def _compiled_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    seconds: list[torch.Tensor],
+    coeffs: Sequence[Coefficients],
+    *,
+    root: bool,
+    heavy_ball: bool,
+    scales: Scales | None = None,
+) -> None:
+    """Fast GPU path: :func:`_table_step` compiled by inductor (Triton kernels on CUDA), compiled
+    once per group layout on first use. If compiling fails, one warning and the foreach path."""
+    table = _coefficient_table(coeffs, scales, len(params)).to(params[0].device, non_blocking=True)
+    step = _fused.compiled_table_step(_table_step)
+    if step is not None:
+        try:
+            step(params, grads, bufs, seconds, table, root=root, heavy_ball=heavy_ball)
+            return
+        except Exception as error:  # a compile error happens before any tensor is written
+            _fused.compiled_step_failed(error)
+    _multi_tensor_step(params, grads, bufs, seconds, coeffs, root=root, heavy_ball=heavy_ball, scales=scales)
 
 
 _PATHS: dict[str, Callable[..., None]] = {
     "single_tensor": _single_tensor_step,
     "foreach": _multi_tensor_step,
     "fused": _fused_step,
+    "compiled": _compiled_step,
 }
 
 
@@ -509,24 +598,29 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
 
     def _path(self, group: dict[str, Any], params: list[torch.Tensor]) -> str:
         all_cpu = all(p.device.type == "cpu" for p in params)
+        devices = {p.device for p in params}
+        compiled = len(devices) == 1 and _fused.compiled_step_available(next(iter(devices)))
         if group["fused"]:
-            if not all_cpu:
+            if all_cpu:
+                if not _fused.fused_kernel_available():
+                    raise RuntimeError(
+                        f"{type(self).__name__}: fused=True, but the fused CPU kernel could not be "
+                        "built (see the earlier warning); use fused=None to fall back"
+                    )
+                return "fused"
+            if not compiled:
                 raise RuntimeError(
-                    f"{type(self).__name__}: fused=True runs on CPU tensors only; on other devices "
+                    f"{type(self).__name__}: fused=True needs CPU tensors (the C++ kernel) or CUDA "
+                    f"tensors with Triton (the compiled kernel), got {sorted(map(str, devices))}; "
                     "use fused=None (the default picks the foreach path)"
                 )
-            if not _fused.fused_kernel_available():
-                raise RuntimeError(
-                    f"{type(self).__name__}: fused=True, but the fused CPU kernel could not be built "
-                    "(see the earlier warning); use fused=None to fall back"
-                )
-            return "fused"
+            return "compiled"
         if group["foreach"]:
             return "foreach"
         if group["fused"] is None and group["foreach"] is None:
             if all_cpu:
                 return "fused" if _fused.fused_kernel_available() else "single_tensor"
-            return "foreach"
+            return "compiled" if compiled else "foreach"
         return "single_tensor"
 
     # -- diagnostics --------------------------------------------------------------------------------
@@ -595,8 +689,26 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # NOTE: under torch.compile, the host-side planning below runs eagerly (one graph break)
+        # and the update is traced from its coefficient table, so the graph does not change from
+        # step to step (no recompiles).
+        compiling = torch.compiler.is_compiling()
+        switches = dict(root=self._root, heavy_ball=self._heavy_ball)
+        for plan in self._plan(compiling):
+            if compiling:
+                _table_step(*plan.tensors, plan.table, **switches)
+            else:
+                _PATHS[plan.path](*plan.tensors, plan.coeffs, scales=plan.scales, **switches)
+        return loss
+
+    @torch.compiler.disable
+    def _plan(self, table: bool) -> list[_Plan]:
+        """What each group does at this step, decided on the host: checks, lazy state, the step
+        counters, the coefficients and the data-dependent scales; with ``table``, the coefficients
+        also as a device tensor (:func:`_coefficient_table`)."""
         # Check every group before touching any: bad input must not leave a half-applied step.
         work = [(group, self._init_group(group)) for group in self.param_groups]
+        plans = []
         for index, (group, (params, grads, bufs, seconds, steps)) in enumerate(work):
             if not params:
                 continue
@@ -626,20 +738,28 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
-            params, grads, bufs, seconds = (
-                _distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds)
+            tensors = tuple(_distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds))
+            device = tensors[0][0].device
+            plans.append(
+                _Plan(
+                    tensors=tensors,
+                    coeffs=coeffs,
+                    scales=scales,
+                    path=self._path(group, tensors[0]),
+                    table=_coefficient_table(coeffs, scales, len(params)).to(device) if table else None,
+                )
             )
-            _PATHS[self._path(group, params)](
-                params,
-                grads,
-                bufs,
-                seconds,
-                coeffs,
-                root=self._root,
-                heavy_ball=self._heavy_ball,
-                scales=scales,
-            )
-        return loss
+        return plans
+
+
+class _Plan(NamedTuple):
+    """One group's update at one step (:meth:`_ElementwiseOptimizer._plan`)."""
+
+    tensors: tuple[list[torch.Tensor], ...]  #: (params, grads, bufs, seconds), local shards
+    coeffs: list[Coefficients]  #: one row for all tensors, or one per tensor
+    scales: Scales | None  #: the data-dependent (k, e) of each tensor
+    path: str  #: the key of the path in ``_PATHS``
+    table: torch.Tensor | None  #: the coefficients as a tensor, for a traced step
 
 
 # ---------------------------------------------------------------------------------------------
