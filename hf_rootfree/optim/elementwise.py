@@ -249,16 +249,17 @@ def _fused_step(
     scales: Scales | None = None,
 ) -> None:
     """Fast CPU path: one compiled pass over memory per tensor (``csrc/elementwise.cpp``)."""
-    table = _coefficient_table(coeffs, scales, len(params))
+    table = _coefficient_table(coeffs, len(params), torch.device("cpu"), scales)
     torch.ops.hf_rootfree.fused_elementwise_step_(params, grads, bufs, seconds, table, root, heavy_ball)
 
 
-def _coefficient_table(coeffs: Sequence[Coefficients], scales: Scales | None, n: int) -> torch.Tensor:
-    """The coefficients as a float64 table with one row per tensor, on the device of ``scales``
-    (the CPU without): the data-dependent k and e columns are copied in on that device, so no
-    value crosses to the host. Always ``n`` rows, so that its shape does not depend on whether the
-    tensors are at the same step (a traced step would otherwise recompile)."""
-    device = scales[0].device if scales is not None else None
+def _coefficient_table(
+    coeffs: Sequence[Coefficients], n: int, device: torch.device, scales: Scales | None = None
+) -> torch.Tensor:
+    """The coefficients as a float64 table with one row per tensor, on ``device`` (the data-
+    dependent k and e columns of ``scales`` are copied in there: no value crosses to the host).
+    Always ``n`` rows, so that its shape does not depend on whether the tensors are at the same
+    step (a traced step would otherwise recompile)."""
     table = torch.tensor(coeffs, dtype=torch.float64, device=device)
     if len(coeffs) != n:
         table = table.expand(n, -1).clone()
@@ -276,14 +277,20 @@ def _table_step(
     *,
     root: bool,
     heavy_ball: bool,
+    adaptive: Adaptive | None = None,
 ) -> None:
     """The update with its coefficients read from a tensor (:func:`_coefficient_table`): what
     ``torch.compile`` traces, for the compiled path and for a compiled ``optimizer.step``.
 
-    The coefficients change at every step (bias correction, the per-tensor damping); as values of
-    a tensor they do not change the graph, so it compiles once. ``torch._foreach_*`` ops with
+    With ``adaptive``, the data-dependent k and e (:func:`_adaptive_scales`) are computed here,
+    inside the graph, and written into ``table`` (so :meth:`diagnostics` sees them). The
+    coefficients change at every step (bias correction, the per-tensor damping); as values of a
+    tensor they do not change the graph, so it compiles once. ``torch._foreach_*`` ops with
     per-tensor 0-d coefficients, which inductor fuses into a few kernels per group of tensors.
     """
+    if adaptive is not None:
+        k, e = _adaptive_scales(grads, bufs, seconds, table, adaptive)
+        table[:, 2], table[:, 3] = k, e
     buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
         buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
@@ -320,35 +327,26 @@ def _table_step(
                 torch._foreach_copy_(dst, src)
 
 
-def _compiled_step(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    bufs: list[torch.Tensor],
-    seconds: list[torch.Tensor],
-    coeffs: Sequence[Coefficients],
-    *,
-    root: bool,
-    heavy_ball: bool,
-    scales: Scales | None = None,
-) -> None:
+def _compiled_step(plan: _Plan, *, root: bool, heavy_ball: bool) -> None:
     """Fast GPU path: :func:`_table_step` compiled by inductor (Triton kernels on CUDA), compiled
     once per group layout on first use. If compiling fails, one warning and the foreach path."""
-    table = _coefficient_table(coeffs, scales, len(params)).to(params[0].device, non_blocking=True)
     step = _fused.compiled_table_step(_table_step)
     if step is not None:
         try:
-            step(params, grads, bufs, seconds, table, root=root, heavy_ball=heavy_ball)
+            step(*plan.tensors, plan.table, root=root, heavy_ball=heavy_ball, adaptive=plan.adaptive)
             return
         except Exception as error:  # a compile error happens before any tensor is written
             _fused.compiled_step_failed(error)
-    _multi_tensor_step(params, grads, bufs, seconds, coeffs, root=root, heavy_ball=heavy_ball, scales=scales)
+    scales = plan.scales
+    if plan.adaptive is not None:
+        scales = _adaptive_scales(*plan.tensors[1:], plan.table, plan.adaptive)
+    _multi_tensor_step(*plan.tensors, plan.coeffs, root=root, heavy_ball=heavy_ball, scales=scales)
 
 
 _PATHS: dict[str, Callable[..., None]] = {
     "single_tensor": _single_tensor_step,
     "foreach": _multi_tensor_step,
     "fused": _fused_step,
-    "compiled": _compiled_step,
 }
 
 
@@ -362,11 +360,29 @@ _PATHS: dict[str, Callable[..., None]] = {
 ADAMW_EPS = 1e-8
 
 
+class Adaptive(NamedTuple):
+    """The settings of the data-dependent denominator (:func:`_adaptive_scales`)."""
+
+    rho: float  #: ρ, the relative damping
+    gain: float  #: the grafted step's scale (1 − momentum for the heavy ball); 0: no grafting
+    batch_size: float  #: B
+    heavy_ball: bool  #: the step's numerator is g (heavy ball), not m
+
+
+def _uses_helpers(tensors: list[torch.Tensor]) -> bool:
+    """Whether the compiled CPU helpers sum these tensors (not while torch.compile traces)."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(t.device.type == "cpu" for t in tensors)
+        and _fused.fused_kernel_available()
+    )
+
+
 def _graft_sums(
     grads: list[torch.Tensor],
     bufs: list[torch.Tensor],
     seconds: list[torch.Tensor],
-    coeffs: Sequence[Coefficients],
+    table: torch.Tensor,
     lam: torch.Tensor,
     batch_size: float,
     heavy_ball: bool,
@@ -375,20 +391,20 @@ def _graft_sums(
 
     s' = a·s + c·g² is the second moment after this step and n the numerator of the step (the new
     m, or g for the heavy ball), computed from the state before the step (nothing is written). On
-    CPU the compiled helper does it in one float64 read; elsewhere ``torch._foreach_*`` ops.
+    CPU the compiled helper does it in one float64 read; elsewhere ``torch._foreach_*`` ops with
+    the coefficients of ``table`` (:func:`_coefficient_table`) as 0-d tensors.
     """
-    if all(g.device.type == "cpu" for g in grads) and _fused.fused_kernel_available():
-        table = torch.tensor(coeffs, dtype=torch.float64)
+    if _uses_helpers(grads):
         return torch.ops.hf_rootfree.graft_sums(
             grads, bufs, seconds, table, lam, 1.0 / batch_size, ADAMW_EPS, heavy_ball
         )
-    if len(coeffs) == 1:
-        coeffs = list(coeffs) * len(grads)
-    a, c, k, _, m_decay, m_gain, *_ = (list(col) for col in zip(*coeffs))
     dtype = _compute_dtype(grads[0], seconds[0]) if grads else torch.float32
+    columns = table.to(dtype).unbind(1)
+    a, c, k, _, m_decay, m_gain, *_ = (list(col.unbind()) for col in columns)
+    k_b = list((columns[2] / batch_size).unbind())
     g, s = _upcast(grads, dtype), _upcast(seconds, dtype)
     s_new = torch._foreach_mul(s, a)
-    torch._foreach_addcmul_(s_new, g, g, c)
+    torch._foreach_addcmul_(s_new, torch._foreach_mul(g, c), g)
     if heavy_ball:
         num = g
     else:
@@ -397,7 +413,7 @@ def _graft_sums(
     d = torch._foreach_mul(s_new, k)
     torch._foreach_add_(d, list(lam.to(dtype).unbind()))
     root_free = torch._foreach_norm(torch._foreach_div(num, d), 2, dtype=torch.float64)
-    adam = torch._foreach_sqrt(torch._foreach_mul(s_new, [v / batch_size for v in k]))
+    adam = torch._foreach_sqrt(torch._foreach_mul(s_new, k_b))
     torch._foreach_add_(adam, ADAMW_EPS)
     adamw = torch._foreach_norm(torch._foreach_div(num, adam), 2, dtype=torch.float64)
     return torch.stack([torch.stack(root_free), torch.stack(adamw)], dim=1).square()
@@ -407,16 +423,13 @@ def _adaptive_scales(
     grads: list[torch.Tensor],
     bufs: list[torch.Tensor],
     seconds: list[torch.Tensor],
-    coeffs: Sequence[Coefficients],
-    *,
-    rho: float,
-    gain: float,
-    batch_size: float,
-    heavy_ball: bool,
+    table: torch.Tensor,
+    settings: Adaptive,
 ) -> Scales:
     """Per-tensor (k, e) of the adaptive denominator ``d = k·s + e``, as float64 vectors.
 
-    With ḡ = mean(|g|) the mean absolute gradient of the tensor at this step::
+    With ḡ = mean(|g|) the mean absolute gradient of the tensor at this step, and k, e the
+    coefficients of ``table`` (:func:`_coefficient_table`)::
 
         λ_l = λ + ρ·B·ḡ²                          relative damping (ρ = ``relative_damping``)
         d   = k·s + λ_l                           when gain = 0 (the paper's lr), or
@@ -432,37 +445,34 @@ def _adaptive_scales(
     B·ḡ² it trained like AdamW). The sums read the gradients (and, for r, the state) before the
     kernel runs, so every path (reference, foreach, fused) gets the same numbers. For DTensors
     (FSDP2) the sums are all-reduced over the shards, so λ_l and r are those of the whole tensor,
-    as in one process. Everything stays on the device (no host sync).
+    as in one process. Everything stays on the device (no host sync), and it traces: the compiled
+    path computes it inside its graph.
     """
-    numels = [max(t.numel(), 1) for t in grads]  # DTensor.numel() is the global size
+    rho, gain, batch_size, heavy_ball = settings
     local_g = _distributed.local_tensors(grads)
+    # DTensor.numel() is the global size
+    numels = torch.tensor([max(t.numel(), 1) for t in grads], dtype=torch.float64, device=table.device)
     # NOTE: summed in float64, so that a sum over FSDP2 shards equals the one-process sum to
     # ~1e-16 rather than float32's ~1e-7 (which the step then carries). On CPU the compiled
     # helper does it in one read (torch's float64 norm costs ~2× the whole fused step); every
     # path uses the same sums, so the paths still agree bitwise.
-    if all(g.device.type == "cpu" for g in local_g) and _fused.fused_kernel_available():
-        sums = torch.ops.hf_rootfree.abs_sums(local_g)
-        g_mean = list((sums / torch.tensor(numels, dtype=torch.float64)).unbind())
+    if _uses_helpers(local_g):
+        abs_sums = torch.ops.hf_rootfree.abs_sums(local_g)
     else:
-        g_mean = list(torch._foreach_div(torch._foreach_norm(local_g, 1, dtype=torch.float64), numels))
+        abs_sums = torch.stack(torch._foreach_norm(local_g, 1, dtype=torch.float64))
+    g_mean = list((abs_sums.to(table.device) / numels).unbind())
     g_bar = torch.stack(_distributed.all_reduce_sharded(g_mean, grads)).to(torch.float64)
-    device = g_bar.device
-    if len(coeffs) == 1:
-        k, e = coeffs[0].k, coeffs[0].e
-    else:
-        k = torch.tensor([c.k for c in coeffs], dtype=torch.float64).to(device)
-        e = torch.tensor([c.e for c in coeffs], dtype=torch.float64).to(device)
+    k, e = table[:, 2], table[:, 3]
     lam = (e + rho * batch_size * g_bar * g_bar).clamp_min(_FLOAT32_TINY)
-    k_vec = torch.full_like(lam, 1.0) * k
     if gain == 0:
-        return k_vec, lam
+        return k.clone(), lam
     local_b, local_s = _distributed.local_tensors(bufs), _distributed.local_tensors(seconds)
-    sums = _graft_sums(local_g, local_b, local_s, coeffs, lam, batch_size, heavy_ball).to(device)
+    sums = _graft_sums(local_g, local_b, local_s, table, lam, batch_size, heavy_ball).to(table.device)
     sums = torch.stack(_distributed.all_reduce_sharded(list(sums.unbind()), grads))
     # both sums are 0 only for a zero numerator, where any finite r gives the same (zero) step
     tiny = torch.finfo(torch.float64).tiny
     r = gain * ((sums[:, 1] + tiny) / (sums[:, 0] + tiny)).sqrt()
-    return k_vec / r, lam / r
+    return k / r, lam / r
 
 
 class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
@@ -696,16 +706,18 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
         switches = dict(root=self._root, heavy_ball=self._heavy_ball)
         for plan in self._plan(compiling):
             if compiling:
-                _table_step(*plan.tensors, plan.table, **switches)
+                _table_step(*plan.tensors, plan.table, adaptive=plan.adaptive, **switches)
+            elif plan.path == "compiled":
+                _compiled_step(plan, **switches)
             else:
                 _PATHS[plan.path](*plan.tensors, plan.coeffs, scales=plan.scales, **switches)
         return loss
 
     @torch.compiler.disable
-    def _plan(self, table: bool) -> list[_Plan]:
+    def _plan(self, traced: bool) -> list[_Plan]:
         """What each group does at this step, decided on the host: checks, lazy state, the step
-        counters, the coefficients and the data-dependent scales; with ``table``, the coefficients
-        also as a device tensor (:func:`_coefficient_table`)."""
+        counters, the coefficients, the path, and the data-dependent scales (computed here for the
+        eager paths and sharded tensors, else inside the traced update)."""
         # Check every group before touching any: bad input must not leave a half-applied step.
         work = [(group, self._init_group(group)) for group in self.param_groups]
         plans = []
@@ -721,34 +733,24 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             else:
                 cache = {t: self._coefficients(hyper, t) for t in distinct}
                 coeffs = [cache[t] for t in values]
-            adaptive = self._adaptive(group)
-            scales = None
-            if adaptive is not None:
-                rho, gain = adaptive
-                scales = _adaptive_scales(
-                    grads,
-                    bufs,
-                    seconds,
-                    coeffs,
-                    rho=rho,
-                    gain=gain,
-                    batch_size=group["batch_size"],
-                    heavy_ball=self._heavy_ball,
-                )
-            self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
             # FSDP2 shards parameters as DTensors: the update is element-wise, so it runs on each
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
-            tensors = tuple(_distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds))
-            device = tensors[0][0].device
-            plans.append(
-                _Plan(
-                    tensors=tensors,
-                    coeffs=coeffs,
-                    scales=scales,
-                    path=self._path(group, tensors[0]),
-                    table=_coefficient_table(coeffs, scales, len(params)).to(device) if table else None,
-                )
-            )
+            local = tuple(_distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds))
+            path = self._path(group, local[0])
+            table = _coefficient_table(coeffs, len(params), local[0][0].device)
+            adaptive, scales = self._adaptive(group), None
+            if adaptive is not None:
+                settings = Adaptive(*adaptive, group["batch_size"], self._heavy_ball)
+                in_graph = (traced or path == "compiled") and not any(map(_distributed.shard_groups, grads))
+                if in_graph:  # the traced update computes them and writes them into the table
+                    scales = (table[:, 2], table[:, 3])
+                else:
+                    scales = _adaptive_scales(grads, bufs, seconds, table, settings)
+                    table[:, 2], table[:, 3] = scales
+                    settings = None
+                adaptive = settings
+            self._denominators[index] = (params, coeffs, scales)  # for diagnostics(): no sync here
+            plans.append(_Plan(local, coeffs, scales, path, table, adaptive))
         return plans
 
 
@@ -757,9 +759,10 @@ class _Plan(NamedTuple):
 
     tensors: tuple[list[torch.Tensor], ...]  #: (params, grads, bufs, seconds), local shards
     coeffs: list[Coefficients]  #: one row for all tensors, or one per tensor
-    scales: Scales | None  #: the data-dependent (k, e) of each tensor
-    path: str  #: the key of the path in ``_PATHS``
-    table: torch.Tensor | None  #: the coefficients as a tensor, for a traced step
+    scales: Scales | None  #: the data-dependent (k, e) of each tensor (views of ``table``)
+    path: str  #: the key of the path in ``_PATHS``, or "compiled"
+    table: torch.Tensor  #: the coefficients as a tensor (:func:`_coefficient_table`)
+    adaptive: Adaptive | None  #: compute the scales inside the traced update
 
 
 # ---------------------------------------------------------------------------------------------
