@@ -18,11 +18,14 @@ Each optimizer class only says how its hyperparameters and the step t map to the
 (:meth:`_ElementwiseOptimizer._coefficients`); the math lives here, three times over:
 
 * :func:`_single_tensor_step`, the readable reference path (a loop over tensors);
-* :func:`_multi_tensor_step`, ``torch._foreach_*`` ops (the default on CUDA and other devices);
+* :func:`_multi_tensor_step`, ``torch._foreach_*`` ops (the default on non-CPU devices without Triton);
 * :func:`_fused_step`, a compiled C++ kernel that makes one pass over memory (the default on CPU;
-  ``csrc/elementwise.cpp``), built on first use, with a clean fallback to the reference path.
+  ``csrc/elementwise.cpp``), built on first use, with a clean fallback to the reference path;
+* :func:`_table_step`, ``torch._foreach_*`` ops over a tensor of coefficients, which
+  ``torch.compile`` traces: compiled by inductor it is the default on CUDA (:func:`_compiled_step`),
+  and it is what a compiled ``optimizer.step()`` runs.
 
-Tests check all three against each other and against a float64 oracle written from the equations.
+Tests check all four against each other and against a float64 oracle written from the equations.
 """
 
 from __future__ import annotations
@@ -774,9 +777,11 @@ _IMPL_ARGS_DOC = """
             float32/bfloat16/float16 parameters and in float64 for float64 parameters. The update
             itself is always computed in at least float32.
         foreach: use the ``torch._foreach_*`` path. ``None`` (default) decides per step: the fused
-            kernel on CPU, foreach elsewhere.
-        fused: use the compiled CPU kernel (built on first use, cached). ``None`` (default) uses
-            it on CPU when it builds and falls back to the reference path otherwise."""
+            kernel on CPU, the compiled kernel on CUDA (with Triton), foreach elsewhere.
+        fused: use a fused kernel: on CPU the C++ kernel (built on first use, cached), on CUDA the
+            update compiled by ``torch.compile`` (Triton; compiled at the first step). ``None``
+            (default) uses them where they are available and falls back to the reference path
+            (CPU) or the foreach path (CUDA) otherwise."""
 
 _ROOTFREE_ARGS_DOC = """
         s0: initial value of s, ≥ 0 (default 0: s is an average of B·g² from the first step).
