@@ -22,6 +22,10 @@ Usage::
     python benchmarks/step_time.py                       # both models, defaults
     python benchmarks/step_time.py --all-paths --json step_time.json
     python benchmarks/step_time.py --models gpt2 --optimizers RootFreeAdamW,AdaX --threads 1
+    python benchmarks/step_time.py --compile --threads 1   # + torch.compile(opt.step) rows
+
+``--compile`` adds ``torch.compile(optimizer.step)`` of torch's foreach AdamW and of each of ours
+(path ``compile``): the warm-up steps include the compilation.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ PATH_KWARGS: dict[str, dict[str, bool | None]] = {
     "default": {},
     "foreach": {"foreach": True},
     "reference": {"foreach": False, "fused": False},
+    "compile": {},  # the default constructor; its step() is wrapped in torch.compile
 }
 
 
@@ -110,11 +115,12 @@ def param_copy(model: torch.nn.Module, grads: list[torch.Tensor], device: torch.
 @dataclass
 class Entry:
     name: str  # optimizer class name
-    path: str  # requested path: fused / foreach for AdamW; default / foreach / reference for ours
+    path: str  # requested path: fused / foreach / compile for AdamW; default / foreach / reference / compile
     factory: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     baseline: bool = False
     resolved: str = ""  # path our optimizer actually took (see _path), filled after warm-up
     optimizer: torch.optim.Optimizer | None = None
+    step: Callable[[], object] | None = None  # optimizer.step, or torch.compile of it (path compile)
     params: list[torch.Tensor] = field(default_factory=list)
     samples_ms: list[float] = field(default_factory=list)
 
@@ -145,6 +151,8 @@ def make_entries(names: list[str], paths: list[str]) -> list[Entry]:
         Entry("AdamW", "fused", lambda params: torch.optim.AdamW(params, fused=True), baseline=True),
         Entry("AdamW", "foreach", lambda params: torch.optim.AdamW(params, foreach=True), baseline=True),
     ]
+    if "compile" in paths:
+        entries.append(Entry("AdamW", "compile", lambda params: torch.optim.AdamW(params, foreach=True)))
     for path in paths:
         for name in names:
             entries.append(Entry(name, path, our_factory(name, PATH_KWARGS[path])))
@@ -170,12 +178,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(opt: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
+def time_steps(step: Callable[[], object], steps: int, device: torch.device) -> float:
     """Mean wall time of one step over ``steps`` consecutive steps, in ms."""
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        opt.step()
+        step()
     sync(device)
     return (time.perf_counter() - start) * 1e3 / steps
 
@@ -189,10 +197,12 @@ def run_model(model_name: str, entries: list[Entry], args: argparse.Namespace, d
     for entry in entries:
         entry.params = param_copy(model, grads, device)
         entry.optimizer = entry.factory(entry.params)
-        for _ in range(args.warmup):  # the first step builds state (and loads the fused kernel)
-            entry.optimizer.step()
+        entry.step = torch.compile(entry.optimizer.step) if entry.path == "compile" else entry.optimizer.step
+        for _ in range(args.warmup):  # the first step builds state (and loads or compiles kernels)
+            entry.step()
         sync(device)
-        entry.resolved = entry.path if entry.baseline else resolved_path(entry.optimizer)
+        compiled = entry.path == "compile"
+        entry.resolved = entry.path if entry.baseline or compiled else resolved_path(entry.optimizer)
         entry.samples_ms = []
     del model
 
@@ -203,7 +213,7 @@ def run_model(model_name: str, entries: list[Entry], args: argparse.Namespace, d
         for r in range(args.repeats):
             shift = r % len(entries)
             for entry in entries[shift:] + entries[:shift]:  # rotate the order every round
-                entry.samples_ms.append(time_steps(entry.optimizer, args.steps, device))
+                entry.samples_ms.append(time_steps(entry.step, args.steps, device))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -214,7 +224,7 @@ def run_model(model_name: str, entries: list[Entry], args: argparse.Namespace, d
 
     result = report(model_name, n_params, len(grads), entries, device)
     for entry in entries:  # free this model's copies before the next model
-        entry.optimizer, entry.params = None, []
+        entry.optimizer, entry.step, entry.params = None, None, []
     return result
 
 
@@ -384,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--all-paths", action="store_true", help="also time our foreach and reference paths")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time torch.compile(opt.step) of AdamW (foreach) and ours"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     args = parser.parse_args(argv)
     MODE["mode"] = args.mode
@@ -412,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     paths = ["default"] + (["foreach", "reference"] if args.all_paths else [])
+    paths += ["compile"] if args.compile else []
     entries = make_entries(names, paths)
     t0 = time.perf_counter()
     results = [run_model(m, entries, args, device) for m in models]
@@ -426,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "warmup": args.warmup,
                 "all_paths": args.all_paths,
+                "compile": args.compile,
                 "batch_size": BATCH_SIZE,
                 "grad_scale": GRAD_SCALE,
                 "argv": sys.argv[1:] if argv is None else argv,
