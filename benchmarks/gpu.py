@@ -414,14 +414,16 @@ def run_block(
     entries = [StepEntry(BASELINE_STEP, "default", adamw_fused)]
     entries += [StepEntry(name, variant, factory) for name, factory in step_factories() if name in names]
     if variant == "compiled":
+        # too little time left to compile anything: skipped rows, without timing AdamW for nothing
+        if clock.left() < min(15, s.compile_timeout_s):
+            for entry in entries[1:]:
+                entry.status, entry.error = "skipped", f"phase time budget spent ({clock.left():.0f} s left)"
+                log(f"  skip {entry.label} [{variant}, {dtype_name}]: {entry.error}")
+            return step_rows(entries, dtype_name, 0)[1:]
         with contextlib.suppress(Exception):
             torch._dynamo.reset()  # a fresh cache and recompile limit for this row
     for entry in entries:
         what = f"{entry.label} [{variant}, {dtype_name}]"
-        if variant == "compiled" and entry is not entries[0] and clock.left() < 5:
-            entry.status, entry.error = "skipped", "phase time budget spent"
-            log(f"  skip {what}: the phase's time budget is spent")
-            continue
         try:
             prepare(entry, base_model, grads, s, device, clock)
             extra = f", compiled in {entry.compile_s:.1f} s" if entry.compile_s is not None else ""
@@ -469,22 +471,22 @@ def phase_step(s: Settings, device: torch.device, clock: PhaseClock, result: dic
         bases[dtype_name] = (base, grads)
     del model
     # Most wanted first, since the phase's time may run out: every eager row, then the compiled
-    # element-wise ones, then compiled SIRFShampoo (many graphs: the slowest to compile).
+    # element-wise ones in float32, then in bfloat16, then compiled SIRFShampoo (many graphs: the
+    # slowest to compile). Each compiled optimizer has a block of its own (after
+    # torch._dynamo.reset()): the element-wise classes share one ``step`` code object, whose
+    # compiled variants would otherwise pile up against dynamo's recompile limit and run eager.
     names = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values()]
     element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
-    # Each compiled optimizer in a block of its own (after torch._dynamo.reset()): the element-wise
-    # classes share one ``step`` code object, whose compiled variants would otherwise pile up
-    # against dynamo's recompile limit and silently run eager.
-    blocks = [("default", names)]
-    blocks += [("compiled", [n]) for n in element_wise]
-    blocks += [("compiled", [n]) for n in names if n not in element_wise]
-    for variant, chosen in blocks:
-        for dtype_name, (base, grads) in bases.items():
-            log(
-                f"  -- {variant} steps of {', '.join(chosen)}, {dtype_name} parameters "
-                f"({clock.left():.0f} s left in the phase)"
-            )
-            rows += run_block(dtype_name, variant, chosen, base, grads, s, device, clock)
+    blocks = [("default", dtype, names) for dtype in bases]
+    blocks += [("compiled", dtype, [n]) for dtype in bases for n in element_wise]
+    blocks += [("compiled", dtype, [n]) for n in names if n not in element_wise for dtype in bases]
+    for variant, dtype_name, chosen in blocks:
+        base, grads = bases[dtype_name]
+        log(
+            f"  -- {variant} steps of {', '.join(chosen)}, {dtype_name} parameters "
+            f"({clock.left():.0f} s left in the phase)"
+        )
+        rows += run_block(dtype_name, variant, chosen, base, grads, s, device, clock)
     del bases
     free_memory(device)
 
@@ -600,6 +602,9 @@ def phase_trainer(s: Settings, device: torch.device, clock: PhaseClock, result: 
         try:
             start = time.perf_counter()
             reset_peak(device)
+            row["start_memory_bytes"] = (
+                int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+            )
             model = build_model(s.model)
             data = trainer_throughput.RandomTokens(total * s.batch, s.seq_len, model.config.vocab_size)
             clock_cb, guard = trainer_throughput.StepClock(), make_deadline_callback(clock)
@@ -763,7 +768,7 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
         row: dict[str, Any] = {"optim": name}
         rows.append(row)
         if name != BASELINE_OPTIM and target is None:
-            row.update(status="skipped", error="no AdamW target")
+            row.update(status="skipped", error="no target: AdamW's run did not finish")
             continue
         if clock.over():
             row.update(status="skipped", error="phase time budget spent")
@@ -793,8 +798,15 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
             row["run_wall_s"] = time.perf_counter() - start
             row["losses"] = losses
             row["final_loss"] = losses[-1][1] if losses else None
+            done = max(step_clock.step_end, default=0)
+            if name == BASELINE_OPTIM and done < steps:  # the time guard cut it: no target, no error
+                row.update(
+                    status="skipped", error=f"stopped by the phase time guard after {done} of {steps} steps"
+                )
+                log(f"  {name}: {row['error']}; the others are skipped too")
+                continue
             if name == BASELINE_OPTIM:
-                if not losses or not math.isfinite(losses[-1][1]) or guard.stopped:
+                if not losses or not math.isfinite(losses[-1][1]):
                     raise RuntimeError(f"AdamW gave no usable final loss (logged: {losses[-3:]})")
                 target = losses[-1][1]
                 result["target_loss"] = target
@@ -831,7 +843,7 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
                     if row.get("reached")
                     else f"not reached ({row.get('error') or f'{steps} steps'})"
                 )
-                + f"; final loss {row['final_loss']:.4f}; {row['run_wall_s']:.1f} s run"
+                + f"; final loss {_num(row['final_loss'], '.4f')}; {row['run_wall_s']:.1f} s run"
             )
             del trainer, model
         except Exception as error:
@@ -936,7 +948,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 reached = {True: "yes", False: "not reached"}.get(r.get("reached"), "-")
                 lines.append(
                     f"| {r['optim']} | {reached} | {_num(r.get('steps'), 'd')} | "
-                    f"{_num(r.get('seconds'), '.1f')} | "
+                    f"{_num(r.get('seconds'), '.2f')} | "
                     f"{_num(r.get('seconds_ratio_vs_adamw'), '.2f', '×')} | "
                     f"{_num(r.get('final_loss'), '.4f')} | {_status(r)} |"
                 )
