@@ -44,7 +44,7 @@ Usage::
 
     python benchmarks/gpu.py                                   # the full run, on CUDA (≤ 8 min)
     python benchmarks/gpu.py --phases step,trainer --out gpu_results
-    python benchmarks/gpu.py --smoke --device cpu --out /tmp/gpu_smoke    # seconds, on a CPU
+    python benchmarks/gpu.py --smoke --device cpu --out smoke_results    # seconds, on a CPU
     bash benchmarks/gpu_run.sh                                 # fresh machine: environment + run
 """
 
