@@ -106,7 +106,8 @@ class Settings:
     step_steps: int  # consecutive steps per sample
     step_repeats: int  # rounds
     compile_backend: str
-    compile_timeout_s: int
+    compile_timeout_s: int  # a compile with its warm-up, and any timed sample
+    warmup_timeout_s: int  # the warm-up of a default step (which may build or compile a kernel)
     # trainer phase
     batch: int
     seq_len: int
@@ -129,6 +130,7 @@ FULL = Settings(
     step_repeats=10,
     compile_backend="inductor",
     compile_timeout_s=75,
+    warmup_timeout_s=150,
     batch=16,
     seq_len=1024,
     trainer_warmup=10,
@@ -147,6 +149,7 @@ SMOKE = Settings(
     step_repeats=2,
     compile_backend="eager",
     compile_timeout_s=3,
+    warmup_timeout_s=120,  # the fused CPU kernel may be built on first use
     batch=2,
     seq_len=16,
     trainer_warmup=1,
@@ -314,9 +317,11 @@ def prepare(entry: StepEntry, base: torch.nn.Module, grads: list[torch.Tensor], 
         after = graph_count()
         entry.graphs = None if graphs is None or after is None else after - graphs
     else:
-        for _ in range(s.step_warmup):
-            entry.step()
-        sync(device)
+        # a default path may compile on first use too (and take long): a generous limit, not none
+        with time_limit(s.warmup_timeout_s):
+            for _ in range(s.step_warmup):
+                entry.step()
+            sync(device)
     if entry.label == BASELINE_STEP:
         entry.path = "fused"
     elif hasattr(entry.optimizer, "_path"):  # the element-wise dispatcher (a private API: guarded)
@@ -342,17 +347,16 @@ def time_entries(entries: list[StepEntry], s: Settings, device: torch.device, cl
             for entry in live[shift:] + live[:shift]:
                 if entry.status != "ok":
                     continue
-                # a compiled step that recompiles while timed could take minutes: it gets a limit
-                limit = s.compile_timeout_s if entry.variant == "compiled" else None
+                # a step that (re)compiles while timed could take minutes: every sample has a limit
                 try:
-                    with time_limit(limit) if limit else contextlib.nullcontext():
+                    with time_limit(s.compile_timeout_s):
                         sync(device)
                         start = time.perf_counter()
                         for _ in range(s.step_steps):
                             entry.step()
                         sync(device)
                 except (Exception, CompileTimeout) as error:
-                    if entry.variant != "compiled":
+                    if entry.label == BASELINE_STEP:
                         raise
                     entry.status, entry.error = "failed", f"while timed: {error_text(error)} (recompiling?)"
                     entry.samples_ms = []
@@ -1065,11 +1069,19 @@ def main(argv: list[str] | None = None) -> int:
         + f" (total ≤ {sum(budgets.values()) / 60:.1f} min + start-up; watchdog {watchdog_s:.0f} s)"
     )
     problems: list[str] = []
-    for name in phases:
-        phase: dict[str, Any] = {"status": "running", "budget_s": budgets[name]}
+    start = time.perf_counter()
+    for i, name in enumerate(phases):
+        # A phase that overran (a slow first compile) takes time from the later ones, not from the
+        # total: each gets its budget, less what is needed to leave the later ones half of theirs.
+        total_left = sum(budgets.values()) - (time.perf_counter() - start)
+        later = 0.5 * sum(budgets[p] for p in phases[i + 1 :])
+        budget = max(0.0, min(budgets[name], total_left - later))
+        if budget < budgets[name]:
+            log(f"  earlier phases ran long: {name} gets {budget:.0f} s, not {budgets[name]:.0f} s")
+        phase: dict[str, Any] = {"status": "running", "budget_s": budget}
         payload["phases"][name] = phase
-        clock = PhaseClock(budgets[name])
-        log(f"== phase {name}: estimate ≤ {budgets[name]:.0f} s")
+        clock = PhaseClock(budget)
+        log(f"== phase {name}: estimate ≤ {budget:.0f} s")
         try:
             RUNNERS[name](s, device, clock, phase)
             skipped = any(r.get("status") == "skipped" for r in phase.get("rows", []))
@@ -1081,9 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
         phase["elapsed_s"] = clock.elapsed()
         problems += [f"{name}: {p}" for p in failures(phase)]
         free_memory(device)
-        log(
-            f"== phase {name}: {phase['status']} in {phase['elapsed_s']:.0f} s (budget {budgets[name]:.0f} s)"
-        )
+        log(f"== phase {name}: {phase['status']} in {phase['elapsed_s']:.0f} s (budget {budget:.0f} s)")
         write(out, payload)
     faulthandler.cancel_dump_traceback_later()
     payload["finished_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
