@@ -36,8 +36,8 @@ Phases (``--phases step,trainer,ttq``):
   word-level tokenizer when that wheel is installed, else synthetic tokens from a fixed random
   Markov chain (learnable: 4 likely successors per token); the JSON says which.
 
-``--smoke`` runs the same code on a tiny GPT-2 for a few steps (on the CPU when there is no CUDA;
-``torch.compile`` with its ``eager`` backend there), to test the program, not to measure. Without
+``--smoke`` runs the same code on a tiny GPT-2 for a few steps (on the CPU when there is no CUDA),
+with ``torch.compile``'s ``eager`` backend, to test the program, not to measure. Without
 ``--smoke`` the program refuses to run without CUDA unless ``--device cpu`` is given.
 
 Usage::
@@ -71,6 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+T0 = time.perf_counter()  # progress lines count from here, imports included
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
@@ -84,7 +85,6 @@ from step_time import hf_rootfree  # noqa: E402
 PHASES = ("step", "trainer", "ttq")
 BASELINE_STEP = "AdamW(fused)"
 BASELINE_OPTIM = "adamw_torch_fused"
-T0 = time.perf_counter()
 
 
 def log(message: str) -> None:
