@@ -455,6 +455,9 @@ def run_block(
         rows = rows[1:]  # the compiled rows' own AdamW: their ratios are against it; not a row twice
     for entry in entries:
         entry.model = entry.optimizer = entry.step = None
+    if variant == "compiled":
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()  # compiled code and guards hold the row's tensors: let them go
     free_memory(device)
     return rows
 
