@@ -62,16 +62,18 @@ import math
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-T0 = time.perf_counter()  # progress lines count from here, imports included
+START_WALL = time.time()  # progress lines count from here, imports included
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
@@ -90,7 +92,7 @@ BASELINE_OPTIM = "adamw_torch_fused"
 def log(message: str) -> None:
     """One progress line: UTC time and seconds since the start."""
     stamp = time.strftime("%H:%M:%S", time.gmtime())
-    print(f"[{stamp} +{time.perf_counter() - T0:6.1f}s] {message}", flush=True)
+    print(f"[{stamp} +{time.time() - START_WALL:6.1f}s] {message}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,8 +108,7 @@ class Settings:
     step_steps: int  # consecutive steps per sample
     step_repeats: int  # rounds
     compile_backend: str
-    compile_timeout_s: int  # a compile with its warm-up, and any timed sample
-    warmup_timeout_s: int  # the warm-up of a default step (which may build or compile a kernel)
+    compile_timeout_s: int  # a compiled row: compile, warm-up and timing, in the worker process
     # trainer phase
     batch: int
     seq_len: int
@@ -129,8 +130,7 @@ FULL = Settings(
     step_steps=10,
     step_repeats=10,
     compile_backend="inductor",
-    compile_timeout_s=75,
-    warmup_timeout_s=150,
+    compile_timeout_s=90,
     batch=16,
     seq_len=1024,
     trainer_warmup=10,
@@ -148,8 +148,7 @@ SMOKE = Settings(
     step_steps=1,
     step_repeats=2,
     compile_backend="eager",
-    compile_timeout_s=3,
-    warmup_timeout_s=120,  # the fused CPU kernel may be built on first use
+    compile_timeout_s=4,
     batch=2,
     seq_len=16,
     trainer_warmup=1,
@@ -185,31 +184,6 @@ class PhaseClock:
 
     def over(self) -> bool:
         return self.left() <= 0
-
-
-class CompileTimeout(BaseException):
-    """A BaseException, so that dynamo's ``except Exception`` (graph breaks) does not swallow it."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`CompileTimeout` in the main thread after ``seconds`` (SIGALRM; no-op elsewhere)."""
-    if seconds <= 0:
-        raise CompileTimeout("no time left in the phase")
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise CompileTimeout(f"took longer than {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # and every second after, should one be swallowed
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def build_model(model_overrides: dict[str, Any]) -> Any:
@@ -307,21 +281,17 @@ def prepare(entry: StepEntry, base: torch.nn.Module, grads: list[torch.Tensor], 
     if entry.variant == "compiled":
         graphs = graph_count()
         start = time.perf_counter()
-        limit = min(s.compile_timeout_s, clock.left())
-        with time_limit(limit):
-            entry.step = torch.compile(entry.optimizer.step, backend=s.compile_backend)
-            for _ in range(s.step_warmup):
-                entry.step()
-            sync(device)
+        entry.step = torch.compile(entry.optimizer.step, backend=s.compile_backend)
+        for _ in range(s.step_warmup):
+            entry.step()
+        sync(device)
         entry.compile_s = time.perf_counter() - start
         after = graph_count()
         entry.graphs = None if graphs is None or after is None else after - graphs
     else:
-        # a default path may compile on first use too (and take long): a generous limit, not none
-        with time_limit(s.warmup_timeout_s):
-            for _ in range(s.step_warmup):
-                entry.step()
-            sync(device)
+        for _ in range(s.step_warmup):
+            entry.step()
+        sync(device)
     if entry.label == BASELINE_STEP:
         entry.path = "fused"
     elif hasattr(entry.optimizer, "_path"):  # the element-wise dispatcher (a private API: guarded)
@@ -347,18 +317,16 @@ def time_entries(entries: list[StepEntry], s: Settings, device: torch.device, cl
             for entry in live[shift:] + live[:shift]:
                 if entry.status != "ok":
                     continue
-                # a step that (re)compiles while timed could take minutes: every sample has a limit
                 try:
-                    with time_limit(s.compile_timeout_s):
-                        sync(device)
-                        start = time.perf_counter()
-                        for _ in range(s.step_steps):
-                            entry.step()
-                        sync(device)
-                except (Exception, CompileTimeout) as error:
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(s.step_steps):
+                        entry.step()
+                    sync(device)
+                except Exception as error:
                     if entry.label == BASELINE_STEP:
                         raise
-                    entry.status, entry.error = "failed", f"while timed: {error_text(error)} (recompiling?)"
+                    entry.status, entry.error = "failed", f"while timed: {error_text(error)}"
                     entry.samples_ms = []
                     log(f"  FAILED {entry.label} [{entry.variant}]: {entry.error}")
                     continue
@@ -420,12 +388,6 @@ def run_block(
     entries = [StepEntry(BASELINE_STEP, "default", adamw_fused)]
     entries += [StepEntry(name, variant, factory) for name, factory in step_factories() if name in names]
     if variant == "compiled":
-        # too little time left to compile anything: skipped rows, without timing AdamW for nothing
-        if clock.left() < min(15, s.compile_timeout_s):
-            for entry in entries[1:]:
-                entry.status, entry.error = "skipped", f"phase time budget spent ({clock.left():.0f} s left)"
-                log(f"  skip {entry.label} [{variant}, {dtype_name}]: {entry.error}")
-            return step_rows(entries, dtype_name, 0)[1:]
         with contextlib.suppress(Exception):
             torch._dynamo.reset()  # a fresh cache and recompile limit for this row
     for entry in entries:
@@ -434,7 +396,7 @@ def run_block(
             prepare(entry, base_model, grads, s, device, clock)
             extra = f", compiled in {entry.compile_s:.1f} s" if entry.compile_s is not None else ""
             log(f"  ready {what}: path {entry.path}{extra}")
-        except (Exception, CompileTimeout) as error:  # a failure row: the run goes on
+        except Exception as error:  # a failure row: the run goes on
             if entry is entries[0]:
                 raise
             entry.status, entry.error = "failed", error_text(error)
@@ -468,36 +430,181 @@ def phase_step(s: Settings, device: torch.device, clock: PhaseClock, result: dic
     result["model"] = {"parameters": n_params, "tensors": len(list(model.parameters()))}
     log(f"  GPT-2 {n_params / 1e6:.1f}M parameters; {s.step_warmup} warm-up steps, {s.step_repeats} rounds")
     rows = result.setdefault("rows", [])
-    bases = {}
-    for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        base = copy.deepcopy(model).to(device=device, dtype=dtype)
-        generator = torch.Generator().manual_seed(1234)
-        grads = [
-            (torch.randn(p.shape, generator=generator) * GRAD_SCALE).to(device=device, dtype=dtype)
-            for p in base.parameters()
-            if p.requires_grad
-        ]
-        bases[dtype_name] = (base, grads)
-    del model
-    # Most wanted first, since the phase's time may run out: every eager row, then the compiled
-    # element-wise ones in float32, then in bfloat16, then compiled SIRFShampoo (many graphs: the
-    # slowest to compile). Each compiled optimizer has a block of its own (after
-    # torch._dynamo.reset()): the element-wise classes share one ``step`` code object, whose
-    # compiled variants would otherwise pile up against dynamo's recompile limit and run eager.
     names = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values()]
-    element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
-    blocks = [("default", dtype, names) for dtype in bases]
-    blocks += [("compiled", dtype, [n]) for dtype in bases for n in element_wise]
-    blocks += [("compiled", dtype, [n]) for n in names if n not in element_wise for dtype in bases]
-    for variant, dtype_name, chosen in blocks:
-        base, grads = bases[dtype_name]
-        log(
-            f"  -- {variant} steps of {', '.join(chosen)}, {dtype_name} parameters "
-            f"({clock.left():.0f} s left in the phase)"
-        )
-        rows += run_block(dtype_name, variant, chosen, base, grads, s, device, clock)
-    del bases
+    for dtype_name in DTYPES:
+        base, grads = base_and_grads(model, dtype_name, device)
+        log(f"  -- default steps, {dtype_name} parameters ({clock.left():.0f} s left in the phase)")
+        rows += run_block(dtype_name, "default", names, base, grads, s, device, clock)
+        del base, grads
+    del model
     free_memory(device)
+    # Most wanted first, since the phase's time may run out: the compiled element-wise rows in
+    # float32, then in bfloat16, then compiled SIRFShampoo (many graphs: the slowest to compile).
+    element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
+    wanted = [(n, d) for d in DTYPES for n in element_wise]
+    wanted += [(n, d) for n in names if n not in element_wise for d in DTYPES]
+    rows += compiled_rows(wanted, s, device, clock)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def base_and_grads(
+    model: torch.nn.Module, dtype_name: str, device: torch.device
+) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The model in ``dtype`` on ``device``, and its fixed random gradients (seed 1234)."""
+    dtype = DTYPES[dtype_name]
+    base = copy.deepcopy(model).to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(1234)
+    grads = [
+        (torch.randn(p.shape, generator=generator) * GRAD_SCALE).to(device=device, dtype=dtype)
+        for p in base.parameters()
+        if p.requires_grad
+    ]
+    return base, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled steps, in a worker process that can be killed
+# ---------------------------------------------------------------------------------------------
+#
+# A compile cannot be interrupted safely inside the process that runs it (an exception raised
+# from a signal handler in the middle of dynamo left torch's dispatcher state broken, and every
+# later tensor operation failed), so the compiled rows run in a child process (this file with
+# --compiled-worker) that the parent kills when a row takes longer than compile_timeout_s or the
+# phase's time is spent. The worker reports each row as a JSON line; after a kill, a new worker
+# takes the rows that remain. Each row: torch._dynamo.reset() (the element-wise classes share one
+# ``step`` code object, whose compiled variants would otherwise pile up against dynamo's
+# recompile limit and run eager), the optimizer's step compiled and warmed up, then timed in
+# rounds against an AdamW(fused) of its own.
+
+WORKER_START_S = 120  # the worker's imports and model, before its first row starts
+
+
+def skipped_row(name: str, dtype_name: str, status: str, error: str) -> dict[str, Any]:
+    entry = StepEntry(name, "compiled", adamw_fused, status=status, error=error)
+    return step_rows([StepEntry(BASELINE_STEP, "default", adamw_fused), entry], dtype_name, 0)[1]
+
+
+def compiled_rows(
+    wanted: list[tuple[str, str]], s: Settings, device: torch.device, clock: PhaseClock
+) -> list[dict[str, Any]]:
+    """The compiled rows ``wanted`` ((optimizer, dtype) pairs), from worker processes."""
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    pending = list(wanted)
+    while pending:
+        if clock.left() < min(15, s.compile_timeout_s):
+            for name, dtype_name in pending:
+                error = f"phase time budget spent ({clock.left():.0f} s left)"
+                done[(name, dtype_name)] = skipped_row(name, dtype_name, "skipped", error)
+                log(f"  skip {name} [compiled, {dtype_name}]: {error}")
+            break
+        with tempfile.TemporaryDirectory(prefix="gpu_bench_worker_") as tmp:
+            job, report = Path(tmp) / "job.json", Path(tmp) / "rows.jsonl"
+            job.write_text(
+                json.dumps(
+                    {
+                        "settings": dataclasses.asdict(s),
+                        "device": str(device),
+                        "rows": pending,
+                        "report": str(report),
+                        "deadline_s": clock.left() + 60,  # the worker's own cap, should the parent die
+                        "threads": torch.get_num_threads(),
+                        "start_wall": START_WALL,
+                    }
+                )
+            )
+            report.touch()
+            log(f"  -- compiled steps: a worker process for {len(pending)} rows ({clock.left():.0f} s left)")
+            worker = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--compiled-worker", str(job)],
+                start_new_session=True,  # its own process group: a kill takes inductor's compile workers too
+            )
+            current, started, offset = None, time.perf_counter(), 0
+            while True:
+                exited = worker.poll() is not None
+                with open(report) as f:
+                    f.seek(offset)
+                    lines = f.read()
+                complete = lines[: lines.rfind("\n") + 1]
+                offset += len(complete.encode())
+                for line in complete.splitlines():
+                    message = json.loads(line)
+                    if "start" in message:
+                        current, started = tuple(message["start"]), time.perf_counter()
+                    else:
+                        row = message["row"]
+                        key = (row["optimizer"], row["dtype"])
+                        done[key] = row
+                        pending.remove(key)
+                        current = None
+                if exited:
+                    if current is not None and current in pending:  # it died in the middle of a row
+                        error = f"the worker exited with status {worker.returncode} during this row"
+                        done[current] = skipped_row(*current, "failed", error)
+                        pending.remove(current)
+                        log(f"  FAILED {current[0]} [compiled, {current[1]}]: {error}")
+                    elif pending and worker.returncode != 0:  # it died before its first row
+                        raise RuntimeError(f"the compiled-step worker exited with status {worker.returncode}")
+                    break
+                limit = s.compile_timeout_s if current is not None else WORKER_START_S
+                if time.perf_counter() - started > limit or clock.over():
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+                    if current is not None:
+                        over = clock.over() and time.perf_counter() - started <= limit
+                        status = "skipped" if over else "failed"
+                        error = (
+                            "phase time budget spent while it compiled"
+                            if over
+                            else f"compile, warm-up and timing took longer than {limit:.0f} s"
+                        )
+                        done[current] = skipped_row(*current, status, error)
+                        pending.remove(current)
+                        log(f"  {status.upper()} {current[0]} [compiled, {current[1]}]: {error} (killed)")
+                    break
+                time.sleep(0.2)
+    return [done[key] for key in wanted if key in done]
+
+
+def compiled_worker(job_path: str) -> int:
+    """The child process: each compiled row of the job, reported as a JSON line as it finishes."""
+    job = json.loads(Path(job_path).read_text())
+    s = Settings(**job["settings"])
+    device = torch.device(job["device"])
+    parent, cap = os.getppid(), time.perf_counter() + job["deadline_s"]
+
+    def orphan_guard() -> None:  # never outlive the parent (or the phase): nobody would kill us
+        while os.getppid() == parent and time.perf_counter() < cap:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=orphan_guard, daemon=True).start()
+    global START_WALL
+    START_WALL = job["start_wall"]  # progress lines count from the parent's start
+    torch.set_num_threads(job["threads"])
+    trainer_throughput.quiet_libraries()
+    model = build_model(s.model)
+    bases: dict[str, Any] = {}
+    with open(job["report"], "a") as report:
+
+        def emit(message: dict[str, Any]) -> None:
+            report.write(json.dumps(message, default=str) + "\n")
+            report.flush()
+
+        for name, dtype_name in job["rows"]:
+            emit({"start": [name, dtype_name]})
+            if dtype_name not in bases:
+                bases[dtype_name] = base_and_grads(model, dtype_name, device)
+            base, grads = bases[dtype_name]
+            log(f"  worker: compiled {name}, {dtype_name} parameters")
+            try:
+                clock = PhaseClock(math.inf)
+                (row,) = run_block(dtype_name, "compiled", [name], base, grads, s, device, clock)
+            except Exception as error:  # the baseline failed: the row says so
+                row = skipped_row(name, dtype_name, "failed", error_text(error))
+            emit({"row": row})
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -967,7 +1074,7 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def write(out: Path, payload: dict[str, Any]) -> None:
-    payload["elapsed_s"] = time.perf_counter() - T0
+    payload["elapsed_s"] = time.time() - START_WALL
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(payload, indent=2, default=str))
     (out / "gpu.md").write_text(markdown(payload))
@@ -993,6 +1100,7 @@ def failures(phase: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compiled-worker", metavar="JOB", help=argparse.SUPPRESS)
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
@@ -1016,6 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-backend", default=None, help="torch.compile backend (default: inductor; smoke: eager)"
     )
     args = parser.parse_args(argv)
+    if args.compiled_worker:
+        return compiled_worker(args.compiled_worker)
     phases = step_time.parse_list(args.phases, PHASES, "phase")
     if args.budget_scale <= 0:
         parser.error("--budget-scale must be > 0")
