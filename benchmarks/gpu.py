@@ -18,8 +18,9 @@ Phases (``--phases step,trainer,ttq``):
   (fused) in the same rounds. Also the optimizer-state bytes (every tensor reachable from
   ``optimizer.state``, each storage once) × AdamW's, and the path each element-wise optimizer's
   dispatcher took. Extra rows: ``torch.compile(optimizer.step)`` of each of the five, timed
-  against a fresh AdamW (fused) in rounds of their own; a compile that fails or passes its time
-  limit is a failure row, not the end of the run.
+  against a fresh AdamW (fused) in rounds of their own, in a worker process that is killed when a
+  row passes its time limit; a compile that fails or is killed is a failure row, not the end of
+  the run.
 * ``trainer``: train samples/s of ``Trainer.train()`` (warm-up steps excluded, with
   ``trainer_throughput.StepClock``) and peak GPU memory (``torch.cuda.max_memory_allocated``,
   reset between runs) on GPT-2 small with ``bf16=True`` and random tokens, for
@@ -109,6 +110,7 @@ class Settings:
     step_repeats: int  # rounds
     compile_backend: str
     compile_timeout_s: int  # a compiled row: compile, warm-up and timing, in the worker process
+    compiled_dtypes: tuple[str, ...]  # the parameter dtypes of the compiled rows
     # trainer phase
     batch: int
     seq_len: int
@@ -131,6 +133,7 @@ FULL = Settings(
     step_repeats=10,
     compile_backend="inductor",
     compile_timeout_s=90,
+    compiled_dtypes=("float32", "bfloat16"),
     batch=16,
     seq_len=1024,
     trainer_warmup=10,
@@ -149,6 +152,7 @@ SMOKE = Settings(
     step_repeats=2,
     compile_backend="eager",
     compile_timeout_s=4,
+    compiled_dtypes=("float32",),  # the same code for fewer rows: a smoke run stays short
     batch=2,
     seq_len=16,
     trainer_warmup=1,
@@ -441,9 +445,14 @@ def phase_step(s: Settings, device: torch.device, clock: PhaseClock, result: dic
     # Most wanted first, since the phase's time may run out: the compiled element-wise rows in
     # float32, then in bfloat16, then compiled SIRFShampoo (many graphs: the slowest to compile).
     element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
-    wanted = [(n, d) for d in DTYPES for n in element_wise]
-    wanted += [(n, d) for n in names if n not in element_wise for d in DTYPES]
-    rows += compiled_rows(wanted, s, device, clock)
+    wanted = [(n, d) for d in s.compiled_dtypes for n in element_wise]
+    wanted += [(n, d) for n in names if n not in element_wise for d in s.compiled_dtypes]
+    compiled = compiled_rows(wanted, s, device, clock)
+    for dtype_name in DTYPES:
+        for name in names:
+            if dtype_name not in s.compiled_dtypes:
+                compiled.append(skipped_row(name, dtype_name, "not run", "--smoke compiles float32 only"))
+    rows += compiled
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

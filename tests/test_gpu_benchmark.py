@@ -70,8 +70,8 @@ def test_smoke_step_phase_has_every_optimizer_in_both_dtypes_eager_and_compiled(
             assert eager["state_bytes"] > 0 and eager["state_ratio_vs_adamw"] > 0
             assert eager["finite"] is True
             compiled = rows[(dtype, name, "compiled")]
-            # a compiled step may fail or run out of time: then it is a row that says so
-            assert compiled["status"] in ("ok", "failed", "skipped"), compiled
+            # a compiled step may fail or run out of time (--smoke compiles float32 only): a row says so
+            assert compiled["status"] in ("ok", "failed", "skipped", "not run"), compiled
             assert (compiled["median_ms"] is not None) == (compiled["status"] == "ok"), compiled
             assert compiled["status"] == "ok" or compiled["error"]
     assert len(rows) == 2 * (1 + 2 * len(names))
