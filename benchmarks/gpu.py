@@ -558,7 +558,8 @@ def compiled_rows(
                     break
                 limit = s.compile_timeout_s if current is not None else WORKER_START_S
                 if time.perf_counter() - started > limit or clock.over():
-                    os.killpg(worker.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                        os.killpg(worker.pid, signal.SIGKILL)
                     worker.wait()
                     if current is not None:
                         over = clock.over() and time.perf_counter() - started <= limit
