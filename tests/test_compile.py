@@ -155,3 +155,16 @@ def test_a_failed_compile_warns_once_and_falls_back_to_foreach_with_the_same_res
         results.append(p.detach())
     assert _fused._state["compiled"] is False
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_the_compiled_path_compiles_past_dynamos_default_limit_of_8_graphs(monkeypatch) -> None:
+    """Each group layout is its own graph: a process with several optimizers (a sweep) needs more
+    than dynamo's default of 8, after which the step would quietly run uncompiled."""
+    monkeypatch.setattr(elementwise._ElementwiseOptimizer, "_path", lambda self, group, params: "compiled")
+    assert torch._dynamo.config.recompile_limit <= 8
+    for n in range(1, 10):
+        p = torch.ones(n, requires_grad=True)
+        p.grad = torch.ones(n)
+        elementwise.AdaX([p]).step()
+        assert not torch.equal(p.detach(), torch.ones(n))
+    assert _graphs() == 9

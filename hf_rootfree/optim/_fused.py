@@ -140,6 +140,10 @@ def fused_kernel_available() -> bool:
     return _state["ok"]
 
 
+#: graphs of the compiled step per process (see compiled_table_step)
+_RECOMPILE_LIMIT = 64
+
+
 def compiled_step_available(device: torch.device) -> bool:
     """Whether the compiled (Triton) path can run on ``device``: CUDA with Triton, not turned off
     and not failed earlier in this process."""
@@ -158,10 +162,21 @@ def compiled_table_step(step: Callable[..., None]) -> Callable[..., None] | None
     if "compiled_step" not in _state:
         logger.warning(
             "hf_rootfree: compiling the fused GPU step of the element-wise optimizers with "
-            "torch.compile (once per parameter group; about 10-60 s). HF_ROOTFREE_FUSED=0 or "
+            "torch.compile at the first step (once per parameter group and process; on a CPU this "
+            "took 40 s for a 4-layer and 150 s for a 12-layer GPT-2). HF_ROOTFREE_FUSED=0 or "
             "foreach=True skips it."
         )
-        _state["compiled_step"] = torch.compile(step, fullgraph=True, dynamic=False)
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+        def run(*args: Any, **kwargs: Any) -> None:
+            # One graph per group layout (tensor count, shapes, dtypes) and optimizer kind: a
+            # process with several optimizers (a sweep, a benchmark) passes dynamo's default of 8
+            # graphs per function, after which it would quietly run the step uncompiled.
+            limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                compiled(*args, **kwargs)
+
+        _state["compiled_step"] = run
     return _state["compiled_step"]
 
 
