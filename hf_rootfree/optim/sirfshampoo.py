@@ -22,7 +22,6 @@ Implementation notes:
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -201,12 +200,13 @@ class _Block:
     def empty(self) -> bool:
         return any(d == 0 for d in self.dims)
 
-    @functools.cached_property
-    def _shape_key(self) -> tuple[Any, ...]:
-        return (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.hyper)
+    def __post_init__(self) -> None:
+        # a plain attribute, not a functools.cached_property: torch.compile cannot trace the
+        # lock that cached_property takes, and would skip the whole step
+        self._batch_key = (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.hyper)
 
     def batch_key(self) -> tuple[Any, ...]:
-        return (self._shape_key, self.owner.device)
+        return (self._batch_key, self.owner.device)
 
     def gradient(self, whole: Callable[[Tensor], Tensor]) -> Tensor:
         """G: the preconditioned view of the gradient (zeros for a member without one). ``whole``
@@ -735,6 +735,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 self._precondition([block], full)
         for bucket in batches.values():
             self._precondition(bucket, full)
+        self._in_adamw_units(mine, full)
 
         if share is not None:  # each owner sends its results to the other ranks
             for rank in range(_distributed.world_size()):
@@ -905,7 +906,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
         Each axis uses its cached K_nK_nᵀ (``precond_n``, made from K_n rescaled; the product of
         the scales, ``precond_scale``, is multiplied back at the end) or else K_n(K_nᵀ X). P is
-        split back into the block's parameters and, with ``lr_units="adamw"``, rescaled.
+        split back into the block's parameters (rescaled later: :meth:`_in_adamw_units`).
         """
         first = bucket[0]
         states = [self.state[b.owner] for b in bucket]
@@ -919,24 +920,36 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         scale = _stack([s["precond_scale"] for s in states])
         grad = grad * _bcast(scale, grad)  # bf16 factors: the product is float32, like the scale
         for block, update in zip(bucket, grad.unbind(0)):
-            for p, group, part in zip(block.params, block.groups, block.split(update)):
+            for p, part in zip(block.params, block.split(update)):
                 if p.grad is not None:  # the whole tensor's update, also for a DTensor parameter
-                    updates[p] = self._in_adamw_units(group, part)
+                    updates[p] = part
 
-    def _in_adamw_units(self, group: dict[str, Any], update: Tensor) -> Tensor:
-        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for one parameter (else P as is).
+    def _in_adamw_units(self, blocks: list[_Block], updates: dict[Tensor, Tensor]) -> None:
+        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for each parameter of ``blocks``, in
+        place in ``updates`` (parameters of ``lr_units="paper"`` groups keep P as is).
 
         The heavy ball then sums to an RMS of 1 for a steady direction and ≈ 0.23 for pure
         noise (α1 = 0.9), as AdamW's m̂/sqrt(v̂) does, so AdamW's learning rate carries over. It
         runs where the preconditioned gradient is made (by its owner under ``distributed``), on
-        the whole tensor, so every rank and one process get the same numbers.
+        the whole tensor, so every rank and one process get the same numbers. All parameters of
+        one dtype are rescaled with a few ``_foreach`` calls (the updates are fresh tensors or
+        views of one, so they may be scaled in place); the norms are float32 (float64 for
+        float64 updates).
         """
-        if group["lr_units"] != "adamw":
-            return update
-        dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(update, dtype=dtype).clamp_min(1e-30)
-        gain = (1.0 - group["momentum"]) * math.sqrt(max(update.numel(), 1))
-        return (update.to(dtype) * (gain / norm)).to(update.dtype)
+        by_dtype: dict[torch.dtype, tuple[list[Tensor], list[float]]] = {}
+        for block in blocks:
+            for p, group in zip(block.params, block.groups):
+                if p in updates and group["lr_units"] == "adamw":
+                    update = updates[p]
+                    tensors, gains = by_dtype.setdefault(update.dtype, ([], []))
+                    tensors.append(update)
+                    gains.append((1.0 - group["momentum"]) * math.sqrt(max(update.numel(), 1)))
+        for dtype, (tensors, gains) in by_dtype.items():
+            norms = torch._foreach_norm(tensors, 2, dtype=_scalar_dtype(dtype))
+            torch._foreach_clamp_min_(norms, 1e-30)
+            torch._foreach_reciprocal_(norms)
+            torch._foreach_mul_(norms, gains)
+            torch._foreach_mul_(tensors, norms)
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """The parameter update from each parameter's preconditioned step P (``updates``):
@@ -951,8 +964,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 continue
             steps = [self._count_step(p) for p in params]
             torch._foreach_add_(steps, 1.0)  # CPU tensors: no device sync
-            # a tensor lr is a CPU tensor (checked): reading it does not sync a device
-            lr, momentum, decay = float(group["lr"]), group["momentum"], group["weight_decay"]
+            lr, momentum, decay = _lr_operand(group["lr"]), group["momentum"], group["weight_decay"]
             if group["lr_units"] == "adamw" and decay != 0:  # decoupled, as AdamW: µ ← µ·(1 − η·κ)
                 torch._foreach_mul_([_distributed.local(p) for p in params], 1.0 - lr * decay)
                 decay = 0.0
@@ -972,7 +984,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     torch._foreach_mul_(buffers, momentum)
                     torch._foreach_add_(buffers, grads)
                     grads = buffers
-                torch._foreach_add_(local, grads, alpha=-lr)
+                if torch.is_tensor(lr):
+                    torch._foreach_add_(local, torch._foreach_mul(grads, -lr))
+                else:
+                    torch._foreach_add_(local, grads, alpha=-lr)
             for p in slow:  # low-precision parameters or factors: compute in the buffer's dtype
                 update = updates[p].to(self._buffer_dtype(p))
                 local = _distributed.local(p)
@@ -980,7 +995,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     update.add_(local, alpha=decay)
                 if momentum != 0:
                     update = _distributed.local(self._momentum_buffer(p)).mul_(momentum).add_(update)
-                local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
+                if torch.is_tensor(lr):
+                    local.copy_(local.to(update.dtype).sub_(update * lr))
+                else:
+                    local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -1082,6 +1100,15 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _lr_operand(lr: float | Tensor) -> float | Tensor:
+    """The learning rate as the parameter update takes it: a float (a tensor lr is a CPU tensor,
+    checked, so reading it does not sync a device), except under ``torch.compile``, where a
+    tensor lr stays a tensor: a graph input whose value may change. (A float lr is a constant of
+    the compiled graph there: a schedule that changes it recompiles, as for ``torch.optim``.)
+    """
+    return lr if torch.compiler.is_compiling() else float(lr)
 
 
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
