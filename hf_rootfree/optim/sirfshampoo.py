@@ -842,7 +842,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
         # Stacked (a view for a single block): the state is only written at the end.
         grad = _stack([b.gradient(self._whole_grads) for b in bucket]).to(dtype)
-        ok = _all_finite(grad)
+        total = _entry_sum(grad, scalar)  # non-finite exactly where a value is (see _entry_sum)
         factors = [_stack([s[f"factor_{a}"] for s in states]) for a in range(n_axes)]
         momenta = [None] * n_axes
         if alpha2 != 0:
@@ -876,12 +876,13 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 new_residuals.append((exact - factor.to(scalar)).to(dtype))
             else:
                 factor = struct.multiplicative_step(factors[a], momentum, beta2 / norm).to(dtype)
-            ok = ok & _all_finite(factor) & _all_finite(momentum)
+            total = total + _entry_sum(factor, scalar) + _entry_sum(momentum, scalar)
             new_factors.append(factor)
             new_momenta.append(momentum)
 
         # Keep a block's old state where its update is not finite (no host sync), then refresh the
         # K Kᵀ cache. A rejected block keeps its cache and scale too: they were made from its old K.
+        ok = torch.isfinite(total)
         keep = ok.unbind(0)
         scales = [torch.ones(len(bucket), dtype=scalar, device=grad.device)]
         for a, struct in enumerate(structures):
@@ -931,7 +932,11 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 factor = _stack([s[f"factor_{a}"] for s in states])
                 grad = _mode(struct.apply, factor, _mode(struct.apply, factor, grad, a, transpose=True), a)
         scale = _stack([s["precond_scale"] for s in states])
-        grad = grad * _bcast(scale, grad)  # bf16 factors: the product is float32, like the scale
+        # NOTE: lr_units="adamw" divides P by its norm (_in_adamw_units), which undoes this
+        # positive scale, so it is skipped there unless it also casts (bf16 factors: P float32)
+        rescaled = all(g["lr_units"] == "adamw" for b in bucket for g in b.groups)
+        if not rescaled or grad.dtype != scale.dtype:
+            grad = grad * _bcast(scale, grad)
         for block, update in zip(bucket, grad.unbind(0)):
             for p, part in zip(block.params, block.split(update)):
                 if p.grad is not None:  # the whole tensor's update, also for a DTensor parameter
@@ -1128,12 +1133,16 @@ def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _all_finite(t: Tensor) -> Tensor:
-    """Per batch entry: are all values finite? (a device tensor; no sync). The largest and the
-    smallest entry are finite exactly when all are (a NaN propagates), and reading them is two
-    passes without a temporary, where ``torch.isfinite(t)`` is four with three."""
-    flat = t.flatten(1)
-    return torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1))
+def _entry_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per batch entry, the sum of all values in ``dtype`` (float32 or float64): NaN or ±inf
+    when a value is (inf − inf is NaN). One reduction per tensor, where ``isfinite(t).all()``
+    is three passes; a factor update checks the sum of its gradient's, factors' and momenta's.
+
+    NOTE: the sum of finite values overflows only when they reach ~1e38/numel (float32); such
+    an update is rejected as if non-finite, which is what it is about to become (K Kᵀ and the
+    scale of the cached preconditioner square those values).
+    """
+    return t.flatten(1).sum(1, dtype=dtype)
 
 
 def _keep_where(ok: Tensor, new: Tensor, state: Tensor) -> None:
