@@ -121,7 +121,7 @@ class SIRFShampooOracle:
         batch_size,
         update_freq=1,
         structures="dense",
-        max_dense_dim=1024,
+        max_dense_dim=256,
         merge_dims=True,
         block_size=64,
         hierarchical_sizes=(16, 16),

@@ -254,7 +254,7 @@ ORACLE_CASES = [
     OracleCase(
         "dense-wide-axes",  # d ≥ 256: the symmetric products run in row strips (257: uneven ones)
         [(300, 257), (259,)],
-        dict(structures="dense", merge_dims=False),
+        dict(structures="dense", merge_dims=False, max_dense_dim=1024),
         [(300, 257), (259,)],
         [("dense", "dense"), ("dense",)],
     ),

@@ -140,7 +140,7 @@ def test_odd_shapes_train_finitely_and_report_their_preconditioned_dims(option_s
     frozen_before = frozen.detach().clone()
     opt = SIRFShampoo(params, lr=1e-2, batch_size=B, **options)
 
-    max_dense = options.get("max_dense_dim", 1024)
+    max_dense = options.get("max_dense_dim", 256)
     for name, block in zip([*zoo, "frozen"], opt.blocks()):
         dims = (3, 2) if name == "frozen" else expected_dims[name]
         assert block["dims"] == dims, name

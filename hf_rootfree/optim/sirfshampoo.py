@@ -22,7 +22,6 @@ Implementation notes:
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -201,12 +200,13 @@ class _Block:
     def empty(self) -> bool:
         return any(d == 0 for d in self.dims)
 
-    @functools.cached_property
-    def _shape_key(self) -> tuple[Any, ...]:
-        return (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.hyper)
+    def __post_init__(self) -> None:
+        # a plain attribute, not a functools.cached_property: torch.compile cannot trace the
+        # lock that cached_property takes, and would skip the whole step
+        self._batch_key = (self.dims, tuple(repr(s) for s in self.structures), self.dtype, self.hyper)
 
     def batch_key(self) -> tuple[Any, ...]:
-        return (self._shape_key, self.owner.device)
+        return (self._batch_key, self.owner.device)
 
     def gradient(self, whole: Callable[[Tensor], Tensor]) -> Tensor:
         """G: the preconditioned view of the gradient (zeros for a member without one). ``whole``
@@ -311,8 +311,15 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
             {structure_names} (see :mod:`hf_rootfree.optim.structures`).
         precond_dtype: dtype of the factors, momenta and cached K Kᵀ (e.g. ``torch.bfloat16``).
             ``None``: float32 for float32/bfloat16/float16 parameters, float64 for float64 ones.
-        max_dense_dim: an axis longer than this gets a ``large_dim_structure`` factor instead of a
-            non-diagonal one, so vocabulary-sized axes cost O(d). ``None``: no limit.
+        max_dense_dim: an axis longer than this (a shared bias's column included) gets a
+            ``large_dim_structure`` factor instead of a non-diagonal one, so vocabulary-sized
+            axes cost O(d). ``None``: no limit. The default, 256, is set by cost: a dense axis
+            of length d costs d multiply-adds per gradient element at every step (applying its
+            K Kᵀ) and ~d³/T per factor update, against ~10 flops per element for AdamW; at 1024
+            SIRFShampoo's ``optimizer.step()`` was 6–35× AdamW's on our small models (one CPU
+            thread, T = 10) and under 0.8× AdamW's training throughput. It was chosen on CPU
+            measurements; a GPU runs the d³ products far faster (not measured here), where a
+            larger value (1024 keeps BERT-base/GPT-2 hidden axes dense) may be affordable.
         merge_dims: precondition tensors of more than two axes as (first axis, the rest merged
             while ≤ ``max_dense_dim``); conv kernels become (out, in·kh·kw).
         block_size: block size of ``block_diagonal`` factors.
@@ -348,6 +355,12 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
     counted in ``skipped_factor_updates``; :meth:`diagnostics` warns once when a block skips
     repeatedly (e.g. ``precond_dtype=torch.float16`` with a large B·g²). The check is there, not in
     ``step()``, because reading the device counter synchronizes.
+
+    ``torch.compile(opt.step)`` traces the whole step as one graph (no graph break): one graph
+    for the first step (state creation), one for the next, then one per kind of step (factor
+    update or not) once the step counter is a symbolic int, and no recompiles after that. Give
+    ``lr`` as a CPU tensor when a schedule changes it (as ``torch.optim`` asks under compile): a
+    float ``lr`` is a constant of the compiled graph, so each new value recompiles.
     """
 
     def __init__(
@@ -364,7 +377,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         update_freq: int = 1,
         structures: tuple[str, ...] | str | dict[int, str | tuple[str, ...]] = "dense",
         precond_dtype: torch.dtype | str | None = None,
-        max_dense_dim: int | None = 1024,
+        max_dense_dim: int | None = 256,
         merge_dims: bool = True,
         block_size: int = 64,
         hierarchical_sizes: tuple[int, int] = (16, 16),
@@ -735,6 +748,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 self._precondition([block], full)
         for bucket in batches.values():
             self._precondition(bucket, full)
+        self._in_adamw_units(mine, full)
 
         if share is not None:  # each owner sends its results to the other ranks
             for rank in range(_distributed.world_size()):
@@ -828,7 +842,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
         # Stacked (a view for a single block): the state is only written at the end.
         grad = _stack([b.gradient(self._whole_grads) for b in bucket]).to(dtype)
-        ok = _all_finite(grad)
+        total = _entry_sum(grad, scalar)  # non-finite exactly where a value is (see _entry_sum)
         factors = [_stack([s[f"factor_{a}"] for s in states]) for a in range(n_axes)]
         momenta = [None] * n_axes
         if alpha2 != 0:
@@ -862,12 +876,13 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 new_residuals.append((exact - factor.to(scalar)).to(dtype))
             else:
                 factor = struct.multiplicative_step(factors[a], momentum, beta2 / norm).to(dtype)
-            ok = ok & _all_finite(factor) & _all_finite(momentum)
+            total = total + _entry_sum(factor, scalar) + _entry_sum(momentum, scalar)
             new_factors.append(factor)
             new_momenta.append(momentum)
 
         # Keep a block's old state where its update is not finite (no host sync), then refresh the
         # K Kᵀ cache. A rejected block keeps its cache and scale too: they were made from its old K.
+        ok = torch.isfinite(total)
         keep = ok.unbind(0)
         scales = [torch.ones(len(bucket), dtype=scalar, device=grad.device)]
         for a, struct in enumerate(structures):
@@ -905,7 +920,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
 
         Each axis uses its cached K_nK_nᵀ (``precond_n``, made from K_n rescaled; the product of
         the scales, ``precond_scale``, is multiplied back at the end) or else K_n(K_nᵀ X). P is
-        split back into the block's parameters and, with ``lr_units="adamw"``, rescaled.
+        split back into the block's parameters (rescaled later: :meth:`_in_adamw_units`).
         """
         first = bucket[0]
         states = [self.state[b.owner] for b in bucket]
@@ -917,26 +932,42 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 factor = _stack([s[f"factor_{a}"] for s in states])
                 grad = _mode(struct.apply, factor, _mode(struct.apply, factor, grad, a, transpose=True), a)
         scale = _stack([s["precond_scale"] for s in states])
-        grad = grad * _bcast(scale, grad)  # bf16 factors: the product is float32, like the scale
+        # NOTE: lr_units="adamw" divides P by its norm (_in_adamw_units), which undoes this
+        # positive scale, so it is skipped there unless it also casts (bf16 factors: P float32)
+        rescaled = all(g["lr_units"] == "adamw" for b in bucket for g in b.groups)
+        if not rescaled or grad.dtype != scale.dtype:
+            grad = grad * _bcast(scale, grad)
         for block, update in zip(bucket, grad.unbind(0)):
-            for p, group, part in zip(block.params, block.groups, block.split(update)):
+            for p, part in zip(block.params, block.split(update)):
                 if p.grad is not None:  # the whole tensor's update, also for a DTensor parameter
-                    updates[p] = self._in_adamw_units(group, part)
+                    updates[p] = part
 
-    def _in_adamw_units(self, group: dict[str, Any], update: Tensor) -> Tensor:
-        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for one parameter (else P as is).
+    def _in_adamw_units(self, blocks: list[_Block], updates: dict[Tensor, Tensor]) -> None:
+        """``lr_units="adamw"``: P ← (1 − α1)·P / RMS(P) for each parameter of ``blocks``, in
+        place in ``updates`` (parameters of ``lr_units="paper"`` groups keep P as is).
 
         The heavy ball then sums to an RMS of 1 for a steady direction and ≈ 0.23 for pure
         noise (α1 = 0.9), as AdamW's m̂/sqrt(v̂) does, so AdamW's learning rate carries over. It
         runs where the preconditioned gradient is made (by its owner under ``distributed``), on
-        the whole tensor, so every rank and one process get the same numbers.
+        the whole tensor, so every rank and one process get the same numbers. All parameters of
+        one dtype are rescaled with a few ``_foreach`` calls (the updates are fresh tensors or
+        views of one, so they may be scaled in place); the norms are float32 (float64 for
+        float64 updates).
         """
-        if group["lr_units"] != "adamw":
-            return update
-        dtype = torch.float64 if update.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(update, dtype=dtype).clamp_min(1e-30)
-        gain = (1.0 - group["momentum"]) * math.sqrt(max(update.numel(), 1))
-        return (update.to(dtype) * (gain / norm)).to(update.dtype)
+        by_dtype: dict[torch.dtype, tuple[list[Tensor], list[float]]] = {}
+        for block in blocks:
+            for p, group in zip(block.params, block.groups):
+                if p in updates and group["lr_units"] == "adamw":
+                    update = updates[p]
+                    tensors, gains = by_dtype.setdefault(update.dtype, ([], []))
+                    tensors.append(update)
+                    gains.append((1.0 - group["momentum"]) * math.sqrt(max(update.numel(), 1)))
+        for dtype, (tensors, gains) in by_dtype.items():
+            norms = torch._foreach_norm(tensors, 2, dtype=_scalar_dtype(dtype))
+            torch._foreach_clamp_min_(norms, 1e-30)
+            torch._foreach_reciprocal_(norms)
+            torch._foreach_mul_(norms, gains)
+            torch._foreach_mul_(tensors, norms)
 
     def _update_parameters(self, updates: dict[Tensor, Tensor]) -> None:
         """The parameter update from each parameter's preconditioned step P (``updates``):
@@ -951,8 +982,7 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                 continue
             steps = [self._count_step(p) for p in params]
             torch._foreach_add_(steps, 1.0)  # CPU tensors: no device sync
-            # a tensor lr is a CPU tensor (checked): reading it does not sync a device
-            lr, momentum, decay = float(group["lr"]), group["momentum"], group["weight_decay"]
+            lr, momentum, decay = _lr_operand(group["lr"]), group["momentum"], group["weight_decay"]
             if group["lr_units"] == "adamw" and decay != 0:  # decoupled, as AdamW: µ ← µ·(1 − η·κ)
                 torch._foreach_mul_([_distributed.local(p) for p in params], 1.0 - lr * decay)
                 decay = 0.0
@@ -972,7 +1002,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     torch._foreach_mul_(buffers, momentum)
                     torch._foreach_add_(buffers, grads)
                     grads = buffers
-                torch._foreach_add_(local, grads, alpha=-lr)
+                if torch.is_tensor(lr):
+                    torch._foreach_add_(local, torch._foreach_mul(grads, -lr))
+                else:
+                    torch._foreach_add_(local, grads, alpha=-lr)
             for p in slow:  # low-precision parameters or factors: compute in the buffer's dtype
                 update = updates[p].to(self._buffer_dtype(p))
                 local = _distributed.local(p)
@@ -980,7 +1013,10 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
                     update.add_(local, alpha=decay)
                 if momentum != 0:
                     update = _distributed.local(self._momentum_buffer(p)).mul_(momentum).add_(update)
-                local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
+                if torch.is_tensor(lr):
+                    local.copy_(local.to(update.dtype).sub_(update * lr))
+                else:
+                    local.copy_(local.to(update.dtype).add_(update, alpha=-lr))
 
     def _momentum_buffer(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -1084,16 +1120,29 @@ class SIRFShampoo(CheckedStateDict, Optimizer):
         )
 
 
+def _lr_operand(lr: float | Tensor) -> float | Tensor:
+    """The learning rate as the parameter update takes it: a float (a tensor lr is a CPU tensor,
+    checked, so reading it does not sync a device), except under ``torch.compile``, where a
+    tensor lr stays a tensor: a graph input whose value may change. (A float lr is a constant of
+    the compiled graph there: a schedule that changes it recompiles, as for ``torch.optim``.)
+    """
+    return lr if torch.compiler.is_compiling() else float(lr)
+
+
 def _scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _all_finite(t: Tensor) -> Tensor:
-    """Per batch entry: are all values finite? (a device tensor; no sync). The largest and the
-    smallest entry are finite exactly when all are (a NaN propagates), and reading them is two
-    passes without a temporary, where ``torch.isfinite(t)`` is four with three."""
-    flat = t.flatten(1)
-    return torch.isfinite(flat.amax(dim=1)) & torch.isfinite(flat.amin(dim=1))
+def _entry_sum(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per batch entry, the sum of all values in ``dtype`` (float32 or float64): NaN or ±inf
+    when a value is (inf − inf is NaN). One reduction per tensor, where ``isfinite(t).all()``
+    is three passes; a factor update checks the sum of its gradient's, factors' and momenta's.
+
+    NOTE: the sum of finite values overflows only when they reach ~1e38/numel (float32); such
+    an update is rejected as if non-finite, which is what it is about to become (K Kᵀ and the
+    scale of the cached preconditioner square those values).
+    """
+    return t.flatten(1).sum(1, dtype=dtype)
 
 
 def _keep_where(ok: Tensor, new: Tensor, state: Tensor) -> None:
