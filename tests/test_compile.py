@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from optim_db import ELEMENT_WISE_CLASSES, OPTIM_DB, OptimCase
-from test_elementwise import assert_matches_oracle, make_params, random_grad, state_of
+from test_elementwise import check_against_the_oracle_over_120_steps
 
 from hf_rootfree.optim import _fused, elementwise
 
@@ -44,23 +44,8 @@ def test_the_compiled_gpu_path_matches_the_float64_oracle_over_120_steps(case: O
     120 steps on 0-d, zero-size, odd-shaped and non-contiguous float64 parameters, one of which
     skips every third step (two group layouts: two graphs, each compiled once)."""
     monkeypatch.setattr(elementwise._ElementwiseOptimizer, "_path", lambda self, group, params: "compiled")
-    gen = torch.Generator().manual_seed(1234)
-    params = make_params(torch.float64, gen)
-    oracle_params = [p.detach().clone() for p in params]
-    oracle_states: list[dict] = [{} for _ in params]
-    opt = case.make(params)
-    for step in range(1, 121):
-        for i, p in enumerate(params):
-            if i == 3 and step % 3 == 0:
-                p.grad = None
-                continue
-            p.grad = random_grad(p, gen)
-            oracle_params[i] = case.oracle(oracle_params[i], p.grad, oracle_states[i], **case.kwargs)
-        opt.step()
-        if step % 20 == 0:
-            assert_matches_oracle(case, opt, params, oracle_params, oracle_states, rtol=1e-10)
+    check_against_the_oracle_over_120_steps(case)
     assert _graphs() == 2
-    assert state_of(opt, params[0])["step"].item() == 120
 
 
 def _train(cls: type[torch.optim.Optimizer], compiled: bool, dtype: torch.dtype) -> tuple[list, list[int]]:

@@ -143,11 +143,16 @@ def test_every_path_matches_the_float64_oracle_over_120_steps(case: OptimCase, p
     """Parameters and state equal the oracle (rtol 1e-10) on 0-d, zero-size, odd-shaped and
     non-contiguous float64 parameters; one parameter skips every third step (grad None), so
     tensors in one group are at different steps."""
+    check_against_the_oracle_over_120_steps(case, **PATHS[path])
+
+
+def check_against_the_oracle_over_120_steps(case: OptimCase, **flags: bool) -> None:
+    """The body of the oracle test, for any path (``flags`` select it)."""
     gen = torch.Generator().manual_seed(1234)
     params = make_params(torch.float64, gen)
     oracle_params = [p.detach().clone() for p in params]
     oracle_states: list[dict] = [{} for _ in params]
-    opt = case.make(params, **PATHS[path])
+    opt = case.make(params, **flags)
     skipper = 3  # index of the (5,) parameter
     for step in range(1, 121):
         for i, p in enumerate(params):
