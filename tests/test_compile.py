@@ -125,7 +125,7 @@ def test_a_failed_compile_warns_once_and_falls_back_to_foreach_with_the_same_res
         raise RuntimeError("no Triton here")
 
     monkeypatch.setitem(_fused._state, "compiled_step", failing)
-    results = []
+    results, diagnostics = [], []
     for flags in ({}, {"foreach": True}):
         p = torch.linspace(-1, 1, 5).requires_grad_()
         opt = elementwise.RootFreeAdamW([p], batch_size=8, **flags)
@@ -138,8 +138,10 @@ def test_a_failed_compile_warns_once_and_falls_back_to_foreach_with_the_same_res
             else:
                 opt.step()
         results.append(p.detach())
+        diagnostics.append(opt.diagnostics())
     assert _fused._state["compiled"] is False
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert diagnostics[0] == diagnostics[1]
 
 
 def test_the_compiled_path_compiles_past_dynamos_default_limit_of_8_graphs(monkeypatch) -> None:

@@ -341,8 +341,9 @@ def _compiled_step(plan: _Plan, *, root: bool, heavy_ball: bool) -> None:
         except Exception as error:  # a compile error happens before any tensor is written
             _fused.compiled_step_failed(error)
     scales = plan.scales
-    if plan.adaptive is not None:
+    if plan.adaptive is not None:  # written into the table, as the compiled step does
         scales = _adaptive_scales(*plan.tensors[1:], plan.table, plan.adaptive)
+        plan.table[:, 2], plan.table[:, 3] = scales
     _multi_tensor_step(*plan.tensors, plan.coeffs, root=root, heavy_ball=heavy_ball, scales=scales)
 
 
