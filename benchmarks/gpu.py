@@ -587,6 +587,16 @@ def phase_step(s: Settings, device: torch.device, clock: PhaseClock, result: dic
                         ["step", name, dtype_name, "compiled"], "not run", "--smoke compiles float32 only"
                     )
                 )
+    # the table's order: per dtype AdamW, the defaults, the foreach rows; then the torch.compile rows
+    order = [BASELINE_STEP, *names]
+    rows.sort(
+        key=lambda r: (
+            r["variant"] == "compiled",
+            list(DTYPES).index(r["dtype"]),
+            ("default", "foreach", "compiled").index(r["variant"]),
+            order.index(r["optimizer"]),
+        )
+    )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
