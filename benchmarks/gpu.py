@@ -677,6 +677,14 @@ def worker_rows(
     the phase's time is spent, the rest are skipped rows."""
     done: dict[tuple[Any, ...], dict[str, Any]] = {}
     pending = [tuple(key) for key in wanted]
+    if device.type == "cpu":
+        # The element-wise C++ kernel is built (or loaded) here, where no kill can interrupt its
+        # build: a worker killed while torch's extension builder held its lock would leave the lock
+        # behind, and every later process that loads the kernel would wait for it forever.
+        from hf_rootfree.optim import _fused
+
+        with contextlib.suppress(Exception):
+            _fused.fused_kernel_available()
 
     def close(key: tuple[Any, ...], status: str, error: str, killed: bool = False) -> None:
         done[key] = skipped_row([kind, *key], status, error, killed)

