@@ -340,11 +340,12 @@ def force_compiled_path(names: str, backend: str) -> None:
     Private APIs: a test switch, not a measurement."""
     from hf_rootfree.optim import _fused, elementwise
 
-    wanted = set(class_names()) if names == "all" else set(names.split(","))
-    unknown = wanted - set(class_names())
-    if unknown:
+    element_wise = {spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise}
+    wanted = element_wise if names == "all" else set(names.split(","))
+    if wanted - element_wise:
         raise ValueError(
-            f"--force-compiled-path: unknown classes {sorted(unknown)}; known: {sorted(class_names())}"
+            f"--force-compiled-path: {sorted(wanted - element_wise)} are not element-wise optimizer "
+            f"classes; those are {sorted(element_wise)} (or 'all')"
         )
     original = elementwise._ElementwiseOptimizer._path
 
