@@ -515,8 +515,7 @@ def run_block(
     row's ratio is against is not reported as a row of its own."""
     entries = [StepEntry(BASELINE_STEP, "default", adamw_fused)]
     entries += [StepEntry(label, variant, make_factory(label, variant)) for label, variant in wanted]
-    compiling = own_baseline  # a worker's rows compile: fresh caches and recompile limits for each
-    if compiling:
+    if own_baseline:  # a worker's row compiles: fresh caches and recompile limits for each
         with contextlib.suppress(Exception):
             torch._dynamo.reset()
     for entry in entries:
@@ -546,7 +545,7 @@ def run_block(
         rows = rows[1:]  # the row's own AdamW: its ratio is against it; not a row twice
     for entry in entries:
         entry.model = entry.optimizer = entry.step = None
-    if compiling:
+    if own_baseline:
         with contextlib.suppress(Exception):
             torch._dynamo.reset()  # compiled code and guards hold the row's tensors: let them go
     free_memory(device)
