@@ -3,10 +3,10 @@ CUDA.
 
 CPU. The kernel (``csrc/elementwise.cpp``) is compiled on first use with
 :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``) and cached by torch
-under ``$TORCH_EXTENSIONS_DIR``. The cache name carries a hash of the source, the torch version and
-the CPU's instruction-set flags, because the kernel is built with ``-march=native``: a cache shared
-between machines with different CPUs (an NFS home directory on a cluster) never hands one machine
-a binary built for another.
+under ``$TORCH_EXTENSIONS_DIR``. The cache name carries a hash of the source (its text and
+location), the torch version and the CPU's instruction-set flags, because the kernel is built with
+``-march=native``: a cache shared between machines with different CPUs (an NFS home directory on a
+cluster) never hands one machine a binary built for another.
 
 If the build fails, or ``HF_ROOTFREE_FUSED=0`` is set, :func:`fused_kernel_available` returns
 ``False`` after one warning and the optimizers use their pure-PyTorch paths instead.
@@ -59,6 +59,9 @@ def _cpu_fingerprint() -> str:
 def _extension_name() -> str:
     digest = hashlib.sha256()
     digest.update(_SOURCE.read_bytes())
+    # the source's location too: torch rebuilds an extension whose recorded source path changed,
+    # so two checkouts (or venvs) sharing one cache entry would rebuild each other's copy
+    digest.update(str(_SOURCE.resolve()).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_fingerprint().encode())
     return f"hf_rootfree_elementwise_{digest.hexdigest()[:12]}"
