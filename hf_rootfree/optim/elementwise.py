@@ -753,13 +753,14 @@ class _ElementwiseOptimizer(CheckedStateDict, Optimizer):
             # rank's local shard (the state is created like the parameter, so it is sharded alike)
             local = tuple(_distributed.local_tensors(ts) for ts in (params, grads, bufs, seconds))
             path = self._path(group, local[0])
-            table = _coefficient_table(coeffs, len(params), local[0][0].device)
-            adaptive, scales = self._adaptive(group), None
+            from_table = traced or path == "compiled"  # the update reads the coefficient table
+            adaptive, scales, table = self._adaptive(group), None, None
+            if from_table or adaptive is not None:
+                table = _coefficient_table(coeffs, len(params), local[0][0].device)
             if adaptive is not None:
                 settings = Adaptive(*adaptive, group["batch_size"], self._heavy_ball)
-                in_graph = (traced or path == "compiled") and not any(map(_distributed.shard_groups, grads))
-                if in_graph:  # the traced update computes them and writes them into the table
-                    scales = (table[:, 2], table[:, 3])
+                if from_table and not any(map(_distributed.shard_groups, grads)):
+                    scales = (table[:, 2], table[:, 3])  # the traced update computes and writes them
                 else:
                     scales = _adaptive_scales(grads, bufs, seconds, table, settings)
                     table[:, 2], table[:, 3] = scales
@@ -777,7 +778,7 @@ class _Plan(NamedTuple):
     coeffs: list[Coefficients]  #: one row for all tensors, or one per tensor
     scales: Scales | None  #: the data-dependent (k, e) of each tensor (views of ``table``)
     path: str  #: the key of the path in ``_PATHS``, or "compiled"
-    table: torch.Tensor  #: the coefficients as a tensor (:func:`_coefficient_table`)
+    table: torch.Tensor | None  #: the coefficients as a tensor (:func:`_coefficient_table`), if used
     adaptive: Adaptive | None  #: compute the scales inside the traced update
 
 
