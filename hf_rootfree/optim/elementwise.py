@@ -158,6 +158,17 @@ def _upcast(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tenso
     return tensors
 
 
+def _buckets(
+    params: list[torch.Tensor], seconds: list[torch.Tensor]
+) -> dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]]:
+    """The indices of the tensors that share (device, parameter dtype, state dtype): one set of
+    ``torch._foreach_*`` calls each."""
+    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
+    return buckets
+
+
 def _any_not(values: list[float], value: float) -> bool:
     return any(v != value for v in values)
 
@@ -184,10 +195,7 @@ def _multi_tensor_step(
     """Fast path with ``torch._foreach_*`` ops, grouped by (device, dtype)."""
     if len(coeffs) == 1:
         coeffs = list(coeffs) * len(params)
-    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
-    for indices in buckets.values():
+    for indices in _buckets(params, seconds).values():
         p_list, g_list = [params[i] for i in indices], [grads[i] for i in indices]
         s_list = [seconds[i] for i in indices]
         b_list = [bufs[i] for i in indices] if bufs else []
@@ -294,10 +302,7 @@ def _table_step(
     if adaptive is not None:
         k, e = _adaptive_scales(grads, bufs, seconds, table, adaptive)
         table[:, 2], table[:, 3] = k, e
-    buckets: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        buckets.setdefault((p.device, p.dtype, seconds[i].dtype), []).append(i)
-    for (device, _, _), indices in buckets.items():
+    for (device, _, _), indices in _buckets(params, seconds).items():
         p_list, g_list = [params[i] for i in indices], [grads[i] for i in indices]
         s_list = [seconds[i] for i in indices]
         b_list = [bufs[i] for i in indices] if bufs else []
