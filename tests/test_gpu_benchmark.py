@@ -96,7 +96,9 @@ def test_smoke_step_phase_has_every_optimizer_in_both_dtypes_default_foreach_and
             assert rows[(dtype, name, "default")]["path"] == "fused"
             assert rows[(dtype, name, "default")]["compiles_at_first_step"] is False
     assert len(rows) == 2 * (1 + 2 * len(names) + len(element_wise))
-    assert sum(r["killed"] for r in phase["rows"]) == 1  # compiled SIRFShampoo passes its 4 s limit
+    # only compiled SIRFShampoo may pass its 4 s limit (on a 2-core machine it does; a fast one may not)
+    killed = [(r["optimizer"], r["variant"]) for r in phase["rows"] if r["killed"]]
+    assert set(killed) <= {("SIRFShampoo", "compiled")}, killed
 
 
 def test_smoke_trainer_and_ttq_phases_have_every_run(smoke) -> None:
